@@ -1,0 +1,60 @@
+// The policy concepts. A Backend is a stateful executor with a fixed operation set (memory, batched
+// products, reductions, fused element-wise kernels, factorizations, random numbers); the generic
+// algorithms are written against it, and EigenBackend / CudaBackend implement all of it. The concept
+// checks the operation set on float operands; the bf16 overloads are exercised by the tests.
+#pragma once
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+
+#include "dion/core/view.hpp"
+
+namespace dion {
+
+/// Transpose flag of a matrix operand.
+enum class Op : std::uint8_t { N, T };
+
+template <class B>
+concept Backend = requires(B& b, typename B::RawBuffer& buf, Mat<float, typename B::Space> m, float* f,
+                           const float* cf, int* flags, std::int64_t* idx) {
+  typename B::Space;
+  typename B::RawBuffer;
+  { B::host_visible } -> std::convertible_to<bool>;
+  { b.alloc_bytes(std::size_t{}) } -> std::same_as<typename B::RawBuffer>;
+  { buf.data() } -> std::convertible_to<void*>;
+  { buf.bytes() } -> std::convertible_to<std::size_t>;
+  b.copy_to_host(cf, f, std::size_t{});
+  b.copy_from_host(cf, f, std::size_t{});
+  b.synchronize();
+  b.copy(m, m);
+  b.fill(m, 0.0f);
+  b.gemm(Op{}, Op{}, 1.0f, m, m, 0.0f, m);
+  b.gram(Op{}, m, m);
+  b.sym_poly(m, 1.0f, 1.0f, m);
+  b.frob_norms(m, f);
+  b.scale_by_norm(m, cf, 1.0f, 1.0f);
+  b.nonfinite_flag(m, flags);
+  b.muon_momentum(m, m, m, 1.0f, true);
+  b.apply_update(m, m, cf, cf, 1.0f, true);
+  b.normuon_update(m, m, m, 1.0f, 1.0f, cf, cf, 1.0f, true);
+  b.select_topk(m, true, std::int64_t{}, idx);
+  b.gather_slices(m, idx, std::int64_t{}, true, 1.0f, m);
+  b.dion2_update(m, m, idx, std::int64_t{}, true, cf, cf, 1.0f);
+  b.nordion2_update(m, m, m, idx, std::int64_t{}, 1.0f, cf, cf, 1.0f);
+  b.lion_update(m, m, m, cf, cf, 1.0f, 1.0f, true);
+  b.adamw_update(m, m, m, m, f, cf, cf, 1.0f, 1.0f, 1.0f, true);
+  b.add_into(m, m);
+  b.all_zero_flags(m, flags);
+  b.dion_guard(m, m, m, flags);
+  b.col_normalize(m, 1.0f, m);
+  b.copy_if_flag(flags, 0, m, m);
+  b.qr_q(m);
+  b.qr_r(m, m);
+  b.cholesky_upper(m, flags);
+  b.trsm_right_upper(m, m);
+  b.orthogonality_check(m, 1.0f, flags);
+  b.randn(m, std::uint64_t{}, std::uint64_t{}, std::int64_t{}, std::int64_t{}, std::int64_t{}, 1.0f);
+};
+
+}  // namespace dion
