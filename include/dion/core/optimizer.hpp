@@ -501,14 +501,14 @@ class Optimizer {
             cur.count += nb;
             b0 += nb;
             if (cur.count == cap) {
-              ws = std::max(ws, cur.count * per);
+              ws = std::max(ws, cur.count * per + 4096);
               chunks_.push_back(std::move(cur));
               cur = proto;
             }
           }
         }
         if (cur.count > 0) {
-          ws = std::max(ws, cur.count * per);
+          ws = std::max(ws, cur.count * per + 4096);
           chunks_.push_back(std::move(cur));
         }
       }
