@@ -8,7 +8,9 @@
 
 #include "replay.hpp"
 #if defined(DION_REPLAY_WITH_CUDA)
-#include "cuda_replay.hpp"
+namespace dion::replay {
+Result replay_cuda(const safetensors::File& file);  // cuda_replay.cu: the same replay on a CudaBackend
+}
 #endif
 
 int main(int argc, char** argv) {

@@ -1,0 +1,21 @@
+# Runs dion-replay and checks its exit code (and, on success, that the output file exists and
+# holds the final parameters). -DTOOL= -DCASE= -DOUT= -DEXPECT_RC=
+set(_args "")
+if(DEFINED CASE)
+  list(APPEND _args "${CASE}" "${OUT}")
+  file(REMOVE "${OUT}")
+endif()
+execute_process(COMMAND "${TOOL}" ${_args} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message(STATUS "dion-replay exit ${rc}\n${out}${err}")
+if(NOT rc EQUAL EXPECT_RC)
+  message(FATAL_ERROR "dion-replay exited ${rc}, expected ${EXPECT_RC}")
+endif()
+if(rc EQUAL 0)
+  if(NOT EXISTS "${OUT}")
+    message(FATAL_ERROR "dion-replay did not write ${OUT}")
+  endif()
+  file(READ "${OUT}" _head LIMIT 4096 HEX)
+  if(NOT _head MATCHES "706172616d2f")  # "param/" in the JSON header
+    message(FATAL_ERROR "${OUT} holds no param/ tensors")
+  endif()
+endif()
