@@ -17,7 +17,7 @@ namespace dion {
 
 #define DION_NAMED_OPTIMIZER(Name, Alg, Fam, Doc)                                                          \
   /** Doc */                                                                                              \
-  template <Backend B, class Comm = SingleProcess, PrecisionPolicy P = precision::Default>                \
+  template <Backend B, Communicator Comm = SingleProcess, PrecisionPolicy P = precision::Default>                \
   class Name : public Optimizer<B, Comm, P> {                                                             \
    public:                                                                                                \
     static constexpr Algorithm default_algorithm = Algorithm::Alg;                                        \
@@ -46,7 +46,7 @@ DION_NAMED_OPTIMIZER(AdamW, adamw, detail::Family::scalar, AdamW)
 #undef DION_NAMED_OPTIMIZER
 
 /// Dion3 is NorDion2 (microsoft/dion's alias).
-template <Backend B, class Comm = SingleProcess, PrecisionPolicy P = precision::Default>
+template <Backend B, Communicator Comm = SingleProcess, PrecisionPolicy P = precision::Default>
 using Dion3 = NorDion2<B, Comm, P>;
 
 }  // namespace dion

@@ -7,6 +7,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "dion/core/view.hpp"
 
@@ -56,5 +57,22 @@ concept Backend = requires(B& b, typename B::RawBuffer& buf, Mat<float, typename
   b.orthogonality_check(m, 1.0f, flags);
   b.randn(m, std::uint64_t{}, std::uint64_t{}, std::int64_t{}, std::int64_t{}, std::int64_t{}, 1.0f);
 };
+
+/// A Communicator spans the ranks of one mesh dimension. `Space` is the memory its collectives can
+/// touch (`void`: any, as for SingleProcess); an optimizer checks at compile time that it matches its
+/// backend's memory, so an NCCL communicator cannot be paired with the Eigen backend.
+template <class C>
+concept Communicator = requires(const C& c, bool ok, std::uint64_t h) {
+  typename C::Space;
+  { C::distributed } -> std::convertible_to<bool>;
+  { c.rank() } -> std::convertible_to<int>;
+  { c.size() } -> std::convertible_to<int>;
+  { c.all_agree(ok) } -> std::convertible_to<bool>;
+  { c.same_everywhere(h) } -> std::convertible_to<bool>;
+};
+
+/// True when communicator C can work on memory of `Space`.
+template <class C, class Space>
+inline constexpr bool comm_reaches_v = std::is_void_v<typename C::Space> || std::is_same_v<typename C::Space, Space>;
 
 }  // namespace dion

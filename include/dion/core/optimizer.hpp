@@ -63,6 +63,7 @@ struct ParamRecord {
   View<Space> grad;  // data == nullptr: no gradient this step (the parameter is skipped)
   std::vector<StateTensor<Backend>> state;
   std::uint64_t key = 0;  // stable random stream id: hash of the name
+  ShardSpec shard;        // how this rank's piece sits in the global tensor (unsharded by default)
   // Dion
   bool transposed = false;
   std::int64_t rank = 0;
@@ -110,8 +111,12 @@ inline std::int64_t align_up(std::int64_t v, std::int64_t a = 256) { return (v +
 }  // namespace detail
 
 /// The optimizer engine. Use the named aliases (dion::Muon, dion::Dion, ...) rather than this class.
-template <Backend B, class Comm = SingleProcess, PrecisionPolicy P = precision::Default>
+template <Backend B, Communicator Comm = SingleProcess, PrecisionPolicy P = precision::Default>
 class Optimizer {
+  static_assert(comm_reaches_v<Comm, typename B::Space>,
+                "dion: this communicator cannot reach the backend's memory (e.g. NcclComm needs CudaBackend, "
+                "MpiComm works on host memory); pick a matching backend/communicator pair");
+
  public:
   using Space = typename B::Space;
   using backend_type = B;
@@ -124,8 +129,8 @@ class Optimizer {
    public:
     /// Register parameter `name` (stable, unique) with its gradient buffer (may be empty: set it
     /// later with set_grad). Returns *this for chaining.
-    GroupRef& add(const std::string& name, View<Space> param, View<Space> grad = {}) {
-      opt_->add_param(index_, name, param, grad);
+    GroupRef& add(const std::string& name, View<Space> param, View<Space> grad = {}, ShardSpec shard = {}) {
+      opt_->add_param(index_, name, param, grad, shard);
       return *this;
     }
     int index() const noexcept { return index_; }
@@ -332,7 +337,7 @@ class Optimizer {
     }
   }
 
-  void add_param(int gi, const std::string& name, View<Space> param, View<Space> grad) {
+  void add_param(int gi, const std::string& name, View<Space> param, View<Space> grad, ShardSpec shard) {
     check_group(gi);
     auto& g = groups_[static_cast<std::size_t>(gi)];
     const Options& o = g.opts;
@@ -380,7 +385,10 @@ class Optimizer {
       }
     }
 
+    DION_CHECK(!shard.sharded() || Comm::distributed, NotSupported, where,
+               "a sharded parameter needs a distributed communicator (this optimizer is single-process)");
     detail::ParamRecord<B> rec;
+    rec.shard = shard;
     rec.name = name;
     rec.group = gi;
     rec.param = param;
