@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "dion/algorithms/context.hpp"
+#include "dion/core/concepts.hpp"
 #include "dion/core/random.hpp"
 #include "dion/ortho/qr.hpp"
 

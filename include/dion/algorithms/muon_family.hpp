@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "dion/algorithms/context.hpp"
+#include "dion/core/concepts.hpp"
 #include "dion/ortho/newton_schulz.hpp"
 
 namespace dion::detail {

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "dion/core/options.hpp"
+#include "dion/core/concepts.hpp"
 #include "dion/core/view.hpp"
 
 namespace dion::ortho {

@@ -9,6 +9,7 @@
 
 #include "dion/core/options.hpp"
 #include "dion/core/random.hpp"
+#include "dion/core/concepts.hpp"
 #include "dion/core/view.hpp"
 
 namespace dion::ortho {
