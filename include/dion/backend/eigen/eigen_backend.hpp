@@ -193,7 +193,7 @@ class EigenBackend {
       for (std::int64_t i = 0; i < M.rows; ++i)
         for (std::int64_t j = 0; j < M.cols; ++j) {
           const float g = detail::ld_f(detail::st_f<TM>(detail::ld_f(G(b, i, j))));
-          const float m = detail::ld_f(detail::st_f<TM>(mu * detail::ld_f(M(b, i, j)) + g));
+          const float m = detail::ld_f(detail::st_f<TM>(std::fma(mu, detail::ld_f(M(b, i, j)), g)));  // as torch
           M(b, i, j) = detail::st_f<TM>(m);
           U(b, i, j) = detail::st_f<TU>(nesterov ? mu * m + g : m);
         }
@@ -389,8 +389,8 @@ class EigenBackend {
           const float g = detail::ld_f(G(b, i, j));
           const float x0 = detail::ld_f(X(b, i, j));
           float m = detail::ld_f(M(b, i, j)), v = detail::ld_f(V(b, i, j));
-          m = m + (1.0f - beta1) * (g - m);  // torch's lerp form of β1·m + (1−β1)·g
-          v = beta2 * v + (1.0f - beta2) * g * g;
+          m = std::fma(1.0f - beta1, g - m, m);     // torch's lerp form of β1·m + (1−β1)·g
+          v = std::fma((1.0f - beta2) * g, g, beta2 * v);  // torch's mul_ then addcmul_
           M(b, i, j) = detail::st_f<TM>(m);
           V(b, i, j) = detail::st_f<TV>(v);
           const float decay = (!cautious || m * x0 >= 0) ? l * w * x0 : 0.0f;
