@@ -94,6 +94,20 @@ void orthonormalize(Backend& be, QrMethod method, bool use_cqr, double oversampl
     // matrices whose Cholesky-QR passed keep it; the others take the randomized result
     be.copy_if_flag(flags, 0, Qc, Pf);
   }
+  if constexpr (Backend::host_visible) {
+    // Last resort (RELIABILITY N9): a rank-deficient P (a zero or repeated column) defeats both
+    // Cholesky variants; Householder QR still returns an orthonormal basis. Where flags are not
+    // host-visible (GPU), a non-finite result is zeroed by Dion's guard instead, as microsoft/dion does.
+    for (std::int64_t b = 0; b < n; ++b) info[b] = 0;
+    be.orthogonality_check(Pf, kCqrTolerance, info);
+    bool any = false;
+    for (std::int64_t b = 0; b < n; ++b) any = any || info[b] != 0;
+    if (any) {
+      be.copy(P, Qc);
+      be.qr_q(Qc);
+      be.copy_if_flag(info, 1, Qc, Pf);
+    }
+  }
   be.copy(Pf, P);
 }
 
