@@ -17,7 +17,17 @@
 //
 // Only the backend's own operations are used here (alloc_bytes, copy_to_host, copy_from_host,
 // synchronize), so the generic helpers below work for every backend; a specialization only says how
-// the backend object is made and owned.
+// the backend object is made and owned. A specialization derives from
+// BackendEnvCommon<BackendEnv<B>, B> and provides `B& backend()` and `static constexpr const char*
+// name` (used in test messages), e.g.
+//
+//   template <> struct BackendEnv<dion::CudaBackend>
+//       : BackendEnvCommon<BackendEnv<dion::CudaBackend>, dion::CudaBackend> {
+//     static constexpr const char* name = "cuda";
+//     dion::CudaBackend& backend() { return backend_; }
+//    private:
+//     /* stream owned here */ dion::CudaBackend backend_{...};
+//   };
 #pragma once
 
 #include <algorithm>

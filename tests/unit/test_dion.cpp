@@ -264,3 +264,38 @@ TEMPLATE_TEST_CASE("dion: lion and adamw groups inside Dion expose no step_dev a
   REQUIRE_THROWS_WITH(opt.add_group({.algorithm = dion::Algorithm::lion, .cautious_wd = true}),
                       DION_CONTAINS("cautious_wd"));
 }
+
+TEMPLATE_TEST_CASE("dion: AdamW groups inside Dion take the group step for bias correction (SPEC 1.8)",
+                   "[dion][scalar][adamw]", DION_TEST_BACKENDS) {
+  // SPEC 1.8: "step_dev: 0-d fp32 device counter in the DistributedOrthoBase family; Dion uses the
+  // host group["step"]". Dion's group step advances at every step() (params without a gradient
+  // included), so a bias that first gets a gradient at the second step is corrected with t = 2.
+  dion_test::BackendEnv<TestType> env;
+  const auto x0 = dion_test::randn(16, 1);
+  const auto g0 = dion_test::randn(16, 2);
+  auto w = env.template alloc<float>(32 * 16);
+  auto gw = env.upload(dion_test::randn(32 * 16, 3));
+  auto x = env.upload(x0);
+  auto g = env.upload(g0);
+  dion::Options o;
+  o.lr = 0.01f;
+  o.weight_decay = 0.0f;
+  o.beta1 = 0.9f;
+  o.beta2 = 0.95f;
+  dion::Dion<TestType> opt{env.backend(), o};
+  opt.add_group().add("w", env.view(w, {32, 16}), env.view(gw, {32, 16}));
+  opt.add_group({.algorithm = dion::Algorithm::adamw}).add("b", env.view(x, {16}));  // no gradient yet
+  opt.step();
+  CHECK(opt.step_count(1) == 1);
+  opt.set_grad("b", env.view(g, {16}));
+  opt.step();
+  REQUIRE(opt.step_count(1) == 2);
+  const double b1 = 0.9f, b2 = 0.95f, t = 2;
+  const auto got = env.download(x);
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const double m = (1 - b1) * g0[i], v = (1 - b2) * static_cast<double>(g0[i]) * g0[i];
+    const double expect = x0[i] - (0.01 / (1 - std::pow(b1, t))) * m / (std::sqrt(v) / std::sqrt(1 - std::pow(b2, t)) + 1e-8);
+    INFO("element " << i);
+    CHECK(got[i] == Approx(expect).margin(1e-6));
+  }
+}

@@ -19,9 +19,16 @@ inline std::int64_t rcqr_sketch_rows(std::int64_t r, double oversample) {
   return static_cast<std::int64_t>(std::ceil(oversample * static_cast<double>(r) / 128.0)) * 128;
 }
 
-/// Cholesky-QR is trusted only if max|QᵀQ − I| stays under this (RELIABILITY N10: a Cholesky that
-/// "succeeds" on a nearly rank-deficient P can return a far-from-orthogonal Q).
-inline constexpr float kCqrTolerance = 1e-2f;
+/// Cholesky-QR is trusted only if max|QᵀQ − I| stays under cqr_tolerance(p) (RELIABILITY N9/N10: a
+/// Cholesky that "succeeds" on a nearly rank-deficient P can return a far-from-orthogonal Q). The
+/// floor is RELIABILITY's 1e-5; for tall P the check's own fp32 rounding (a dot product of p terms,
+/// ~√p·u) would reach it, so the bound grows to 16·√p·u (1.1e-4 at p = 14336) and never flags a
+/// good factorization as bad.
+inline constexpr float kCqrTolerance = 1e-5f;
+inline float cqr_tolerance(std::int64_t p) {
+  const float noise = 16.0f * std::sqrt(static_cast<float>(p)) * 5.96e-8f;  // u = 2^-24
+  return noise > kCqrTolerance ? noise : kCqrTolerance;
+}
 
 /// fp32 scratch (in floats) for orthonormalizing `n` matrices of p×r with sketch rows k.
 inline std::int64_t qr_scratch_floats(std::int64_t n, std::int64_t p, std::int64_t r, std::int64_t k) {
@@ -70,7 +77,7 @@ void orthonormalize(Backend& be, QrMethod method, bool use_cqr, double oversampl
     be.gram(Op::T, Qc, G);  // G = PᵀP
     be.cholesky_upper(G, flags);
     be.trsm_right_upper(Qc, G);
-    be.orthogonality_check(Qc, kCqrTolerance, flags);
+    be.orthogonality_check(Qc, cqr_tolerance(p), flags);
     bool all_ok = false;
     if constexpr (Backend::host_visible) {
       all_ok = true;
@@ -99,7 +106,7 @@ void orthonormalize(Backend& be, QrMethod method, bool use_cqr, double oversampl
     // Cholesky variants; Householder QR still returns an orthonormal basis. Where flags are not
     // host-visible (GPU), a non-finite result is zeroed by Dion's guard instead, as microsoft/dion does.
     for (std::int64_t b = 0; b < n; ++b) info[b] = 0;
-    be.orthogonality_check(Pf, kCqrTolerance, info);
+    be.orthogonality_check(Pf, cqr_tolerance(p), info);
     bool any = false;
     for (std::int64_t b = 0; b < n; ++b) any = any || info[b] != 0;
     if (any) {

@@ -372,12 +372,12 @@ class EigenBackend {
   /// AdamW (SPEC §1.8, torch fused semantics): t ← t+1 (fp32 counter), decoupled decay, moments,
   /// bias-corrected step; cautious decay applies only where M_new⊙X_old ≥ 0.
   template <class TX, class TG, class TM, class TV>
-  void adamw_update(Mat<TX> X, Mat<TG> G, Mat<TM> M, Mat<TV> V, float* step, const float* lr, const float* wd,
-                    float beta1, float beta2, float eps, bool cautious) {
+  void adamw_update(Mat<TX> X, Mat<TG> G, Mat<TM> M, Mat<TV> V, float* step, bool advance_step, const float* lr,
+                    const float* wd, float beta1, float beta2, float eps, bool cautious) {
     check_same(X, G, "adamw_update");
     check_same(X, M, "adamw_update");
     check_same(X, V, "adamw_update");
-    *step += 1.0f;
+    if (advance_step) *step += 1.0f;
     const double t = *step;
     const float l = *lr, w = *wd;
     const float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), t));
@@ -508,8 +508,8 @@ class EigenBackend {
       detail::RowMatF q = load(Q.at(b));
       detail::RowMatF g = q.transpose() * q;
       g -= detail::RowMatF::Identity(Q.cols, Q.cols);
-      const float err = g.cwiseAbs().maxCoeff();
-      if (!(err <= tol)) flags[b] = 1;
+      // a NaN/Inf anywhere must fail the check (maxCoeff's NaN handling is unspecified)
+      if (!g.allFinite() || !(g.cwiseAbs().maxCoeff() <= tol)) flags[b] = 1;
     }
   }
 
