@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "dion/core/geometry.hpp"
@@ -13,8 +14,16 @@
 
 namespace dion::detail {
 
-template <class Backend, class ParamRec, class Chunk>
+/// True for a communicator type that really communicates (not void, not SingleProcess).
+template <class C>
+inline constexpr bool is_distributed_v = [] {
+  if constexpr (std::is_void_v<C>) return false;
+  else return static_cast<bool>(C::distributed);
+}();
+
+template <class Backend, class ParamRec, class Chunk, class Comm = void>
 struct StepContext {
+  using comm_type = Comm;
   Backend& be;
   const Options& o;
   const Chunk& chunk;
@@ -25,6 +34,10 @@ struct StepContext {
   char* workspace;  ///< backend memory, at least the chunk's planned bytes
   std::int64_t group_step;
   std::vector<std::uint64_t>& streams;  ///< host scratch, one per matrix of the chunk
+  // Distributed variants (nullptr / false: single process, or a mesh dimension of size 1)
+  Comm* comm = nullptr;              ///< Muon family: the 1-D mesh; Dion: the replicate communicator
+  const std::int64_t* offs = nullptr;  ///< sharded chunk: first row of every rank, then the global rows
+  bool grad_sync = false;            ///< Dion: replicate_mesh_grad_sync
 };
 
 /// Bump allocator over the workspace (256-byte aligned carving, no allocation).

@@ -3,18 +3,95 @@
 // orthogonalization type; the batch is orthogonalized in one call; the update is applied per matrix.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#include "dion/algorithms/collectives.hpp"
 #include "dion/algorithms/context.hpp"
 #include "dion/core/concepts.hpp"
 #include "dion/ortho/newton_schulz.hpp"
 
 namespace dion::detail {
 
+/// Workspace layout of a distributed chunk (computed with base == nullptr to size the workspace at
+/// registration; the same function carves it at step time).
+template <class OrthoT>
+struct MuonDistBufs {
+  OrthoT* u = nullptr;        // DDP: the padded batch of inputs/outputs; sharded: local inputs/outputs
+  OrthoT* stage = nullptr;    // sharded: all-to-all receive / send staging
+  OrthoT* asm_ = nullptr;     // sharded: the owner's assembled matrices
+  OrthoT* scratch = nullptr;  // orthogonalization scratch
+  float* norms = nullptr;
+  std::int64_t* idx = nullptr;  // Dion2 / NorDion2: selected slices (local)
+  // sharded global selection scope
+  float* m_loc = nullptr;       // local momentum shards in fp32 (ranking in fp32, SPEC deliberate difference 5)
+  float* m_stage = nullptr;
+  float* m_asm = nullptr;
+  std::int64_t* gidx = nullptr;   // the owner's global selections
+  std::int64_t* ix_send = nullptr;  // (count, local indices) per matrix per rank
+  std::int64_t* ix_recv = nullptr;
+  OrthoT* u_sel = nullptr;      // the rows a rank receives back (compact, zero-padded)
+  std::int64_t end = 0;
+};
+
+template <class OrthoT, class Chunk>
+MuonDistBufs<OrthoT> muon_dist_carve(char* base, const Chunk& ch, int W, const std::int64_t* offs) {
+  MuonDistBufs<OrthoT> b;
+  std::int64_t off = 0;
+  auto take = [&]<class T>(T*& ptr, std::int64_t n) {
+    off = (off + 255) / 256 * 256;
+    ptr = base ? reinterpret_cast<T*>(base + off) : nullptr;
+    off += std::max<std::int64_t>(n, 1) * static_cast<std::int64_t>(sizeof(T));
+  };
+  const bool selective = ch.algorithm == Algorithm::dion2 || ch.algorithm == Algorithm::nordion2;
+  const std::int64_t N = ch.count, per = (N + W - 1) / W, np = per * W;
+  if (!offs) {
+    const std::int64_t ur = selective && ch.sel_rows ? ch.k : ch.rows;
+    const std::int64_t uc = selective && !ch.sel_rows ? ch.k : ch.cols;
+    take(b.u, np * ur * uc);
+    take(b.scratch, ortho::scratch_elems(N, ur, uc));
+    take(b.norms, N);
+    if (selective) take(b.idx, N * ch.k);
+  } else {
+    const std::int64_t M = ch.rows, n = ch.cols;
+    std::int64_t lmax = 0;
+    for (int i = 0; i < W; ++i) lmax = std::max(lmax, offs[i + 1] - offs[i]);
+    const std::int64_t cmax = selective && !ch.global_scope ? std::min(ch.k, lmax) : lmax;
+    const std::int64_t R = selective && ch.global_scope ? ch.k : std::min<std::int64_t>(M, cmax * W);
+    take(b.u, N * cmax * n);
+    take(b.stage, std::max(per * R * n, N * cmax * n));
+    take(b.asm_, per * R * n);
+    take(b.scratch, ortho::scratch_elems(per, R, n));
+    take(b.norms, per);
+    if (selective) take(b.idx, N * std::max<std::int64_t>(cmax, 1));
+    if (selective && ch.global_scope) {
+      take(b.m_loc, N * lmax * n);
+      take(b.m_stage, per * M * n);
+      take(b.m_asm, per * M * n);
+      take(b.gidx, per * ch.k);
+      take(b.ix_send, per * (M + W));
+      take(b.ix_recv, N * (lmax + 1));
+      take(b.u_sel, std::max(N * lmax * n, per * M * n));
+    }
+  }
+  b.end = off;
+  return b;
+}
+
+template <class OrthoT, class Ctx>
+void muon_family_sharded(Ctx& cx);
+
 template <class OrthoT, class Ctx>
 void muon_family_chunk(Ctx& cx) {
   using Space = typename std::remove_reference_t<decltype(cx.be)>::Space;
+  using Comm = typename Ctx::comm_type;
+  if constexpr (is_distributed_v<Comm>) {
+    if constexpr (Comm::distributed) {
+      if (cx.comm && cx.offs) return muon_family_sharded<OrthoT>(cx);
+    }
+  }
   const auto& ch = cx.chunk;
   const Options& o = cx.o;
   const Algorithm alg = ch.algorithm;
@@ -24,10 +101,28 @@ void muon_family_chunk(Ctx& cx) {
   if (ur == 0 || uc == 0) return;
 
   Carver cv{cx.workspace};
-  OrthoT* u_data = cv.take<OrthoT>(ch.count * ur * uc);
-  OrthoT* scratch = cv.take<OrthoT>(ortho::scratch_elems(ch.count, ur, uc));
-  float* norms = cv.take<float>(ch.count);
-  std::int64_t* idx = selective ? cv.take<std::int64_t>(ch.count * ch.k) : nullptr;
+  OrthoT* u_data = nullptr;
+  OrthoT* scratch = nullptr;
+  float* norms = nullptr;
+  std::int64_t* idx = nullptr;
+  int W = 1, me = 0;
+  if constexpr (is_distributed_v<Comm>) {
+    if (cx.comm) {  // data parallel (SPEC §0.3 case B): the same inputs everywhere, the work split
+      W = cx.comm->size();
+      me = cx.comm->rank();
+      auto b = muon_dist_carve<OrthoT>(cx.workspace, ch, W, nullptr);
+      u_data = b.u;
+      scratch = b.scratch;
+      norms = b.norms;
+      idx = b.idx;
+    }
+  }
+  if (!u_data) {
+    u_data = cv.take<OrthoT>(ch.count * ur * uc);
+    scratch = cv.take<OrthoT>(ortho::scratch_elems(ch.count, ur, uc));
+    norms = cv.take<float>(ch.count);
+    idx = selective ? cv.take<std::int64_t>(ch.count * ch.k) : nullptr;
+  }
 
   struct Done {
     int slot;
@@ -39,7 +134,7 @@ void muon_family_chunk(Ctx& cx) {
   for (const auto& it : ch.items) {
     const Slot& sl = cx.slots[static_cast<std::size_t>(it.slot)];
     auto& p = cx.params[static_cast<std::size_t>(sl.param)];
-    if (!p.grad.data) continue;
+    if (!p.live) continue;
     const auto mview = p.state_view("momentum");
     Mat<OrthoT, Space> U = packed<OrthoT, Space>(u_data + pos * ur * uc, it.nb, ur, uc);
     dispatch_dtype(p.param.dtype, [&]<class TG>() {
@@ -61,8 +156,25 @@ void muon_family_chunk(Ctx& cx) {
     pos += it.nb;
   }
   if (pos == 0) return;
-  ortho::orthogonalize(cx.be, o.orthogonalizer, o.ns_steps, o.epsilon, packed<OrthoT, Space>(u_data, pos, ur, uc),
-                       scratch, norms);
+  if (W == 1 || pos == 1) {
+    // single process, or one matrix (SPEC §0.3 case C: every rank orthogonalizes it redundantly)
+    ortho::orthogonalize(cx.be, o.orthogonalizer, o.ns_steps, o.epsilon, packed<OrthoT, Space>(u_data, pos, ur, uc),
+                         scratch, norms);
+  } else {
+    if constexpr (is_distributed_v<Comm>) {
+      // rank r orthogonalizes the contiguous block [r·per, (r+1)·per) and all ranks all-gather the
+      // blocks; each matrix is orthogonalized whole by one rank, so the result is bit-identical to
+      // a single process (SPEC §2.2). The padding beyond `pos` is zeros.
+      const std::int64_t per = (pos + W - 1) / W, e = ur * uc;
+      const std::int64_t lo = std::min<std::int64_t>(me * per, pos), hi = std::min<std::int64_t>(lo + per, pos);
+      if (hi > lo)
+        ortho::orthogonalize(cx.be, o.orthogonalizer, o.ns_steps, o.epsilon,
+                             packed<OrthoT, Space>(u_data + lo * e, hi - lo, ur, uc), scratch, norms);
+      const std::int64_t pad0 = std::max<std::int64_t>(hi, me * per), pad1 = (me + 1) * per;
+      if (pad1 > pad0) cx.be.fill(packed<OrthoT, Space>(u_data + pad0 * e, pad1 - pad0, ur, uc), 0.0f);
+      cx.comm->all_gather_inplace(u_data, static_cast<std::size_t>(per * e));
+    }
+  }
 
   for (const auto& d : done) {
     const Slot& sl = cx.slots[static_cast<std::size_t>(d.slot)];
@@ -100,6 +212,205 @@ void muon_family_chunk(Ctx& cx) {
             auto V = geometry_mat<TV>(vview, sl.geo).slice(d.b0, d.nb);
             cx.be.nordion2_update(X, O, V, idx + d.pos * ch.k, ch.k, o.muon_beta2, cx.lr, cx.wd, sl.lr_scale);
           });
+          break;
+        }
+        default: break;
+      }
+    });
+  }
+}
+
+/// FSDP: every matrix of the chunk is sharded by rows over the optimizer's communicator, contiguous
+/// in rank order (offsets cx.offs). SPEC §0.3 case A with exact per-rank row counts instead of zero
+/// padding: the owner of a matrix assembles exactly the rows the ranks hold (Muon, NorMuon: the
+/// whole matrix; Dion2 / NorDion2 local scope: each rank's top-k rows), orthogonalizes it, and
+/// returns every rank its rows. Muon's result is therefore bit-identical to a single process.
+template <class OrthoT, class Ctx>
+void muon_family_sharded(Ctx& cx) {
+  using Space = typename std::remove_reference_t<decltype(cx.be)>::Space;
+  auto& comm = *cx.comm;
+  auto& be = cx.be;
+  const int W = comm.size(), me = comm.rank();
+  const auto& ch = cx.chunk;
+  const Options& o = cx.o;
+  const Algorithm alg = ch.algorithm;
+  const bool selective = alg == Algorithm::dion2 || alg == Algorithm::nordion2;
+  const bool global = selective && ch.global_scope;
+  const std::int64_t M = ch.rows, n = ch.cols;
+  if (M == 0 || n == 0) return;  // the global shape: the same decision on every rank
+  const std::int64_t* offs = cx.offs;
+  auto len = [&](int i) { return offs[i + 1] - offs[i]; };
+  const std::int64_t lme = len(me);
+  std::vector<std::int64_t> c(static_cast<std::size_t>(W));
+  for (int i = 0; i < W; ++i) c[static_cast<std::size_t>(i)] = selective && !global ? std::min(ch.k, len(i)) : len(i);
+  const std::int64_t cme = c[static_cast<std::size_t>(me)];
+  auto bufs = muon_dist_carve<OrthoT>(cx.workspace, ch, W, offs);
+  const float decay = alg == Algorithm::dion2 ? o.ef_decay : o.mu;
+
+  // 1. pre-orthogonalization on the local shards (an empty shard contributes nothing)
+  struct Live {
+    int slot;
+    std::int64_t b0, nb, pos;
+  };
+  std::vector<Live> live;
+  live.reserve(ch.items.size());
+  std::int64_t pos = 0;
+  for (const auto& it : ch.items) {
+    const Slot& sl = cx.slots[static_cast<std::size_t>(it.slot)];
+    auto& p = cx.params[static_cast<std::size_t>(sl.param)];
+    if (!p.live) continue;
+    if (lme > 0) {
+      const auto mview = p.state_view("momentum");
+      dispatch_dtype(p.param.dtype, [&]<class TG>() {
+        dispatch_dtype(mview.dtype, [&]<class TM>() {
+          auto G = geometry_mat<TG>(p.grad, sl.geo).slice(it.b0, it.nb);
+          auto Mm = geometry_mat<TM>(mview, sl.geo).slice(it.b0, it.nb);
+          auto U = packed<OrthoT, Space>(bufs.u + pos * cme * n, it.nb, cme, n);
+          if (!selective) {
+            be.muon_momentum(G, Mm, U, o.mu, o.nesterov);
+          } else {
+            be.add_into(Mm, G);
+            if (!global) {
+              std::int64_t* id = bufs.idx + pos * cme;
+              be.select_topk(Mm, true, cme, id);
+              be.gather_slices(Mm, id, cme, true, decay, U);
+            } else {
+              be.copy(Mm, packed<float, Space>(bufs.m_loc + pos * lme * n, it.nb, lme, n));
+            }
+          }
+        });
+      });
+    }
+    live.push_back({it.slot, it.b0, it.nb, pos});
+    pos += it.nb;
+  }
+  if (pos == 0) return;  // gradient presence is agreed across ranks before the step
+
+  // 2. unshard, orthogonalize on the owner, reshard
+  RowExchange ex(W, me, pos, n, c);
+  const std::int64_t mine = ex.owned(me);
+  std::vector<std::int64_t> counts;  // global scope: selected rows of each local matrix
+  if (!global) {
+    ex.template unshard<decltype(comm), decltype(be), OrthoT, Space>(comm, be, bufs.u, bufs.stage, bufs.asm_);
+    if (mine > 0)
+      ortho::orthogonalize(be, o.orthogonalizer, o.ns_steps, o.epsilon,
+                           packed<OrthoT, Space>(bufs.asm_, mine, ex.R, n), bufs.scratch, bufs.norms);
+    ex.template reshard<decltype(comm), decltype(be), OrthoT, Space>(comm, be, bufs.asm_, bufs.stage, bufs.u);
+  } else {
+    // global scope (SPEC §1.3): the owner ranks the whole matrix (fp32 momentum, exactly what a
+    // single process ranks), orthogonalizes the top-k rows, and returns to each rank the rows of
+    // its shard with their local indices.
+    const std::int64_t K = ch.k;
+    ex.template unshard<decltype(comm), decltype(be), float, Space>(comm, be, bufs.m_loc, bufs.m_stage, bufs.m_asm);
+    std::vector<std::int64_t> g(static_cast<std::size_t>(std::max<std::int64_t>(mine * K, 1)));
+    if (mine > 0) {
+      auto Mf = packed<float, Space>(bufs.m_asm, mine, M, n);
+      be.select_topk(Mf, true, K, bufs.gidx);
+      auto U = packed<OrthoT, Space>(bufs.asm_, mine, K, n);
+      be.gather_slices(Mf, bufs.gidx, K, true, 1.0f, U);
+      ortho::orthogonalize(be, o.orthogonalizer, o.ns_steps, o.epsilon, U, bufs.scratch, bufs.norms);
+      be.copy_to_host(bufs.gidx, g.data(), static_cast<std::size_t>(mine * K) * sizeof(std::int64_t));
+      be.synchronize();
+    }
+    // send side: to rank i, per owned matrix, a block of len(i) rows (the first cnt hold the selected
+    // rows of i's shard, in ascending order; the rest zeros) and (cnt, local indices, padding)
+    std::vector<int> sc(static_cast<std::size_t>(W)), sd(sc), rc(sc), rd(sc), isc(sc), isd(sc), irc(sc), ird(sc);
+    std::vector<std::int64_t> ix_host;
+    std::int64_t at = 0;
+    for (int i = 0; i < W; ++i) {
+      sc[static_cast<std::size_t>(i)] = RowExchange::as_count(mine * len(i) * n);
+      sd[static_cast<std::size_t>(i)] = RowExchange::as_count(at);
+      isc[static_cast<std::size_t>(i)] = RowExchange::as_count(mine * (len(i) + 1));
+      isd[static_cast<std::size_t>(i)] = RowExchange::as_count(static_cast<std::int64_t>(ix_host.size()));
+      if (mine * len(i) > 0) be.fill(packed<OrthoT, Space>(bufs.u_sel + at, mine, len(i), n), 0.0f);
+      for (std::int64_t t = 0; t < mine; ++t) {
+        const std::int64_t* gt = g.data() + t * K;
+        const std::int64_t a = std::lower_bound(gt, gt + K, offs[i]) - gt;
+        const std::int64_t b = std::lower_bound(gt, gt + K, offs[i + 1]) - gt;
+        ix_host.push_back(b - a);
+        for (std::int64_t q = a; q < b; ++q) ix_host.push_back(gt[q] - offs[i]);
+        for (std::int64_t q = b - a; q < len(i); ++q) ix_host.push_back(0);
+        if (b > a)
+          be.copy(packed<OrthoT, Space>(bufs.asm_ + (t * K + a) * n, 1, b - a, n),
+                  packed<OrthoT, Space>(bufs.u_sel + at + t * len(i) * n, 1, b - a, n));
+      }
+      at += mine * len(i) * n;
+      rc[static_cast<std::size_t>(i)] = RowExchange::as_count(ex.owned(i) * lme * n);
+      rd[static_cast<std::size_t>(i)] = RowExchange::as_count(ex.first_owned(i) * lme * n);
+      irc[static_cast<std::size_t>(i)] = RowExchange::as_count(ex.owned(i) * (lme + 1));
+      ird[static_cast<std::size_t>(i)] = RowExchange::as_count(ex.first_owned(i) * (lme + 1));
+    }
+    if (!ix_host.empty())
+      be.copy_from_host(ix_host.data(), bufs.ix_send, ix_host.size() * sizeof(std::int64_t));
+    comm.all_to_all_v(static_cast<const OrthoT*>(bufs.u_sel), sc, sd, bufs.u, rc, rd);
+    comm.all_to_all_v(static_cast<const std::int64_t*>(bufs.ix_send), isc, isd, bufs.ix_recv, irc, ird);
+    counts.resize(static_cast<std::size_t>(pos));
+    if (lme > 0) {
+      std::vector<std::int64_t> r(static_cast<std::size_t>(pos * (lme + 1)));
+      be.copy_to_host(bufs.ix_recv, r.data(), r.size() * sizeof(std::int64_t));
+      be.synchronize();
+      for (std::int64_t q = 0; q < pos; ++q) counts[static_cast<std::size_t>(q)] = r[static_cast<std::size_t>(q * (lme + 1))];
+    }
+  }
+  if (lme == 0) return;
+
+  // 3. the update of the local shards
+  for (const auto& l : live) {
+    const Slot& sl = cx.slots[static_cast<std::size_t>(l.slot)];
+    auto& p = cx.params[static_cast<std::size_t>(sl.param)];
+    dispatch_dtype(p.param.dtype, [&]<class TX>() {
+      auto X = geometry_mat<TX>(p.param, sl.geo).slice(l.b0, l.nb);
+      auto O = packed<OrthoT, Space>(bufs.u + l.pos * cme * n, l.nb, cme, n);
+      switch (alg) {
+        case Algorithm::muon: be.apply_update(X, O, cx.lr, cx.wd, sl.lr_scale * sl.o_scale, o.cautious_wd); break;
+        case Algorithm::normuon: {
+          // normalization on the local row shard (SPEC §1.2 step 11: rows complete, V exact, the
+          // Frobenius rescale over the local shard)
+          const auto vview = p.state_view("variance_neuron");
+          dispatch_dtype(vview.dtype, [&]<class TV>() {
+            auto V = geometry_mat<TV>(vview, sl.geo).slice(l.b0, l.nb);
+            be.normuon_update(X, O, V, o.muon_beta2, sl.o_scale, cx.lr, cx.wd, sl.lr_scale, o.cautious_wd);
+          });
+          break;
+        }
+        case Algorithm::dion2:
+        case Algorithm::nordion2: {
+          if (!global) {
+            std::int64_t* id = bufs.idx + l.pos * cme;
+            if (alg == Algorithm::dion2) {
+              be.dion2_update(X, O, id, cme, true, cx.lr, cx.wd, sl.lr_scale);
+            } else {
+              const auto vview = p.state_view("variance_neuron");
+              dispatch_dtype(vview.dtype, [&]<class TV>() {
+                auto V = geometry_mat<TV>(vview, sl.geo).slice(l.b0, l.nb);
+                be.nordion2_update(X, O, V, id, cme, o.muon_beta2, cx.lr, cx.wd, sl.lr_scale);
+              });
+            }
+            break;
+          }
+          // global scope: per matrix, its own count of selected rows
+          const auto mview = p.state_view("momentum");
+          for (std::int64_t b = 0; b < l.nb; ++b) {
+            const std::int64_t q = l.pos + b, cnt = counts[static_cast<std::size_t>(q)];
+            std::int64_t* id = bufs.ix_recv + q * (lme + 1) + 1;
+            auto Xb = X.at(b);
+            auto Ob = packed<OrthoT, Space>(bufs.u + q * lme * n, 1, cnt, n);
+            if (cnt > 0) {
+              dispatch_dtype(mview.dtype, [&]<class TM>() {
+                auto Mb = geometry_mat<TM>(mview, sl.geo).slice(l.b0 + b, 1);
+                be.gather_slices(Mb, id, cnt, true, decay, packed<OrthoT, Space>(bufs.u_sel, 1, cnt, n));
+              });
+            }
+            if (alg == Algorithm::dion2) {
+              be.dion2_update(Xb, Ob, id, cnt, true, cx.lr, cx.wd, sl.lr_scale);
+            } else {
+              const auto vview = p.state_view("variance_neuron");
+              dispatch_dtype(vview.dtype, [&]<class TV>() {
+                auto Vb = geometry_mat<TV>(vview, sl.geo).slice(l.b0 + b, 1);
+                be.nordion2_update(Xb, Ob, Vb, id, cnt, o.muon_beta2, cx.lr, cx.wd, sl.lr_scale);
+              });
+            }
+          }
           break;
         }
         default: break;

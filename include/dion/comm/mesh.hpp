@@ -17,6 +17,12 @@ struct Mesh {
 
 /// How one parameter is split across the ranks of a mesh dimension. Uneven and empty shards are
 /// ordinary: `local_length` may be 0. `dim` counts from the end (-2 rows, -1 columns); 0 = unsharded.
+/// The registered view is the local piece; the global shape is the view's shape with dim `dim`
+/// replaced by `global_length`. Matrices (Muon family, Dion) may be sharded along rows (-2) over the
+/// optimizer's shard communicator (Muon family: its one mesh; Dion: Mesh::outer_shard), with the
+/// shards tiling the rows contiguously in rank order (FSDP's chunking: rank r holds
+/// [offset, offset + local_length), offsets increasing with r); every rank's (offset, length) is
+/// gathered and checked at registration. Lion / AdamW parameters accept any sharding (element-wise).
 struct ShardSpec {
   int dim = 0;                     ///< -2 (rows), -1 (columns) or 0 (not sharded)
   std::int64_t global_length = 0;  ///< size of the sharded dim in the global tensor

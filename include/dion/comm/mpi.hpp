@@ -107,6 +107,7 @@ class MpiComm {
 
   template <class T>
   void all_reduce(T* data, std::size_t count, ReduceOp op) {
+    static_assert(!std::is_same_v<T, bf16>, "MpiComm: bf16 is moved, never reduced (reduce in float)");
     if (count == 0) {
       barrier_like();
       return;
@@ -135,9 +136,19 @@ class MpiComm {
           "MPI_Iallgather");
     wait(req, "all_gather", count * sizeof(T) * static_cast<std::size_t>(size_));
   }
+  /// In place: buf holds size·count elements; this rank's block (at rank·count) is sent, every
+  /// other block is overwritten with that rank's block.
+  template <class T>
+  void all_gather_inplace(T* buf, std::size_t count) {
+    MPI_Request req;
+    start(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, as_int(count), detail::mpi_type<T>(), comm_, &req),
+          "MPI_Iallgather");
+    wait(req, "all_gather", count * sizeof(T) * static_cast<std::size_t>(size_));
+  }
   /// recv (count) ← the sum over ranks of block `rank` of send (size·count elements).
   template <class T>
   void reduce_scatter(const T* send, T* recv, std::size_t count, ReduceOp op) {
+    static_assert(!std::is_same_v<T, bf16>, "MpiComm: bf16 is moved, never reduced (reduce in float)");
     MPI_Request req;
     start(MPI_Ireduce_scatter_block(send, recv, as_int(count), detail::mpi_type<T>(), detail::mpi_op(op), comm_, &req),
           "MPI_Ireduce_scatter_block");

@@ -8,7 +8,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
+#include "dion/comm/single.hpp"
 #include "dion/core/view.hpp"
 
 namespace dion {
@@ -44,7 +46,7 @@ concept Backend = requires(B& b, typename B::RawBuffer& buf, Mat<float, typename
   b.dion2_update(m, m, idx, std::int64_t{}, true, cf, cf, 1.0f);
   b.nordion2_update(m, m, m, idx, std::int64_t{}, 1.0f, cf, cf, 1.0f);
   b.lion_update(m, m, m, cf, cf, 1.0f, 1.0f, true);
-  b.adamw_update(m, m, m, m, f, cf, cf, 1.0f, 1.0f, 1.0f, true);
+  b.adamw_update(m, m, m, m, f, true, cf, cf, 1.0f, 1.0f, 1.0f, true);
   b.add_into(m, m);
   b.all_zero_flags(m, flags);
   b.dion_guard(m, m, m, flags);
@@ -62,7 +64,7 @@ concept Backend = requires(B& b, typename B::RawBuffer& buf, Mat<float, typename
 /// touch (`void`: any, as for SingleProcess); an optimizer checks at compile time that it matches its
 /// backend's memory, so an NCCL communicator cannot be paired with the Eigen backend.
 template <class C>
-concept Communicator = requires(const C& c, bool ok, std::uint64_t h) {
+concept Communicator = requires(C& c, bool ok, std::uint64_t h) {
   typename C::Space;
   { C::distributed } -> std::convertible_to<bool>;
   { c.rank() } -> std::convertible_to<int>;
@@ -70,6 +72,18 @@ concept Communicator = requires(const C& c, bool ok, std::uint64_t h) {
   { c.all_agree(ok) } -> std::convertible_to<bool>;
   { c.same_everywhere(h) } -> std::convertible_to<bool>;
 };
+
+/// A communicator that really spans several ranks (MpiComm, NcclComm): the collectives the
+/// distributed variants issue. Buffers live in the communicator's `Space`; counts are elements.
+template <class C>
+concept CollectiveCommunicator =
+    Communicator<C> && requires(C& c, float* f, const float* cf, std::size_t n, const std::vector<int>& v) {
+      c.all_reduce(f, n, ReduceOp::sum);
+      c.broadcast(f, n, 0);
+      c.all_gather(cf, f, n);
+      c.all_gather_inplace(f, n);
+      c.all_to_all_v(cf, v, v, f, v, v);
+    };
 
 /// True when communicator C can work on memory of `Space`.
 template <class C, class Space>

@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <initializer_list>
 #include <map>
 #include <span>
 #include <string>
@@ -61,9 +63,16 @@ struct ParamRecord {
   int group = -1;
   View<Space> param;
   View<Space> grad;  // data == nullptr: no gradient this step (the parameter is skipped)
+  // Takes part in this step (set by step()): has a gradient; distributed, a gradient on the ranks
+  // that hold any of it (an empty local shard has nothing to point at but still communicates).
+  bool live = false;
   std::vector<StateTensor<Backend>> state;
   std::uint64_t key = 0;  // stable random stream id: hash of the name
   ShardSpec shard;        // how this rank's piece sits in the global tensor (unsharded by default)
+  Shape global_shape;     // the unsharded shape (== param.shape unless sharded)
+  // Sharded (Muon family): first global row of every rank of the shard communicator, plus the
+  // global row count at the end (size W+1); the shards are contiguous in rank order.
+  std::vector<std::int64_t> shard_offsets;
   // Dion
   bool transposed = false;
   std::int64_t rank = 0;
@@ -104,15 +113,56 @@ struct Chunk {
   // Dion
   bool transposed = false;
   std::int64_t p = 0, q = 0, r = 0;
+  // Sharded chunks (Muon family, rows sharded over the optimizer's communicator): index into the
+  // engine's shard layouts (every matrix of the chunk is cut the same way); -1 = not sharded.
+  int layout = -1;
+  bool global_scope = false;  // Dion2 / NorDion2 selection_scope == global on a sharded chunk
 };
+
+/// A stable text of every hyperparameter (the configuration hash compared across ranks).
+inline std::string options_fingerprint(const Options& o) {
+  std::string s = concat(o.lr, '|', o.mu, '|', o.beta1, '|', o.beta2, '|', o.weight_decay, '|', o.epsilon, '|',
+                         o.cautious_wd, '|', o.nesterov, '|', static_cast<int>(o.adjust_lr), '|', o.flatten, '|',
+                         o.num_heads, '|', o.muon_beta2, '|', o.fraction, '|', o.ef_decay, '|',
+                         static_cast<int>(o.selection_scope), '|', o.rank_fraction, '|', o.rank_multiple_of, '|',
+                         o.power_iters, '|', static_cast<int>(o.qr_method), '|', o.cqr_warmup_steps, '|',
+                         o.rcqr_oversample, '|', static_cast<int>(o.orthogonalizer), '|', o.ns_steps, '|', o.seed, '|',
+                         static_cast<int>(o.non_finite), '|', o.workspace_limit_bytes, '|',
+                         o.replicate_mesh_grad_sync, "|split");
+  for (auto v : o.split_sizes) s += concat(',', v);
+  return s;
+}
 
 inline std::int64_t align_up(std::int64_t v, std::int64_t a = 256) { return (v + a - 1) / a * a; }
 
 }  // namespace detail
 
+/// Privileged access to the engine's internals for dion's own subsystems (checkpoint I/O), one
+/// specialization per subsystem tag; not for users.
+template <class Tag>
+struct EngineAccess;
+
 /// The optimizer engine. Use the named aliases (dion::Muon, dion::Dion, ...) rather than this class.
+///
+/// Distributed (SPEC §2; a Comm with `distributed == true`, e.g. MpiComm, NcclComm, named in the Mesh):
+/// * Construction, add_group(), add() and step() are collective: call them in the same order on every
+///   rank. Each validates locally, then all ranks agree; a rank that rejects its input rethrows its
+///   own error and the others throw ConfigMismatch, before anything changes. The configuration
+///   (hyperparameters, names, global shapes, dtypes, sharding) is compared by hash: ConfigMismatch.
+/// * step() first agrees on which parameters have a gradient (a mismatch is ConfigMismatch) and on
+///   non-finite gradients (skip or throw NonFinite on every rank).
+/// * Muon / NorMuon / Dion2 / NorDion2 take one 1-D mesh: Mesh::replicate (DDP: gradients already
+///   averaged by the caller; each matrix is orthogonalized by one rank and all-gathered, bit-identical
+///   to one process) or Mesh::outer_shard (FSDP: matrices row-sharded with ShardSpec{-2, ...};
+///   unsharded matrices use the data-parallel path over the same mesh).
+/// * Dion takes Mesh::replicate (gradients averaged in place, or P and R for compressed low rank;
+///   see Options::replicate_mesh_grad_sync and synchronize_for_checkpoint()) or Mesh::outer_shard
+///   (FSDP, row-sharded matrices). Tensor parallel (inner_shard) and HSDP are not implemented.
 template <Backend B, Communicator Comm = SingleProcess, PrecisionPolicy P = precision::Default>
 class Optimizer {
+  template <class Tag>
+  friend struct EngineAccess;
+
   static_assert(comm_reaches_v<Comm, typename B::Space>,
                 "dion: this communicator cannot reach the backend's memory (e.g. NcclComm needs CudaBackend, "
                 "MpiComm works on host memory); pick a matching backend/communicator pair");
@@ -153,14 +203,21 @@ class Optimizer {
   GroupRef add_group(const GroupOptions& g = {}) {
     const Algorithm a = g.algorithm.value_or(default_algorithm_);
     const std::string where = detail::concat("group ", groups_.size(), " (", algorithm_name(a), "): ");
-    check_algorithm_allowed(a, where);
     detail::GroupRecord rec;
     rec.algorithm = a;
-    rec.opts = merge_options(defaults_, g, a, family_ == detail::Family::dion, where);
+    // distributed: every rank validates, then all agree (and compare the configuration) before any
+    // rank changes anything, so a bad group on one rank makes every rank throw
+    agreed(where + "add_group", [&] {
+      check_algorithm_allowed(a, where);
+      rec.opts = merge_options(defaults_, g, a, family_ == detail::Family::dion, where);
+    });
+    agree_config(where + "add_group",
+                 detail::concat("group|", groups_.size(), '|', algorithm_name(a), '|', detail::options_fingerprint(rec.opts)));
     groups_.push_back(std::move(rec));
     host_scalars_.resize(2 * groups_.size());
     write_group_scalars(static_cast<int>(groups_.size()) - 1);
     realloc_scalars();
+    write_group_step(static_cast<int>(groups_.size()) - 1);
     return GroupRef(this, static_cast<int>(groups_.size()) - 1);
   }
   /// The handle of an existing group.
@@ -207,6 +264,7 @@ class Optimizer {
     check_group(group);
     DION_CHECK(s >= 0, InvalidArgument, "step count = ", s, " must be >= 0");
     groups_[static_cast<std::size_t>(group)].step = s;
+    write_group_step(group);
   }
 
   /// Steps skipped because a gradient held NaN/Inf (NonFinitePolicy::skip_step).
@@ -262,13 +320,14 @@ class Optimizer {
   /// allocation happens here (everything was sized at registration).
   void step() {
     last_skipped_ = false;
-    if (defaults_.non_finite != NonFinitePolicy::propagate && !check_finite()) {
+    if (!step_prologue()) {
       last_skipped_ = true;
       ++skipped_steps_;
       return;
     }
     backend_->copy_from_host(host_scalars_.data(), scalars_.data(), host_scalars_.size() * sizeof(float));
     for (auto& g : groups_) ++g.step;
+    if (family_ == detail::Family::dion) advance_group_steps();
     for (auto& ch : chunks_) run_chunk(ch);
     for (int gi = 0; gi < num_groups(); ++gi) {
       auto& g = groups_[static_cast<std::size_t>(gi)];
@@ -281,10 +340,162 @@ class Optimizer {
   Optimizer(B& backend, Options opts, Algorithm default_algorithm, detail::Family family, Mesh<Comm> mesh = {})
       : backend_(&backend), defaults_(std::move(opts)), default_algorithm_(default_algorithm), family_(family),
         mesh_(mesh) {
-    validate_options(defaults_, default_algorithm_, "optimizer options: ");
+    for (Comm* c : std::initializer_list<Comm*>{mesh_.replicate, mesh_.outer_shard, mesh_.inner_shard})
+      if (c && std::find(mesh_comms_.begin(), mesh_comms_.end(), c) == mesh_comms_.end()) mesh_comms_.push_back(c);
+    // the Muon family's one 1-D mesh; Dion: replicate for unsharded matrices (shard_comm_: outer)
+    ortho_comm_ = family_ == detail::Family::dion ? mesh_.replicate
+                                                  : (mesh_.outer_shard ? mesh_.outer_shard : mesh_.replicate);
+    shard_comm_ = mesh_.outer_shard ? mesh_.outer_shard : mesh_.replicate;
+    agreed("optimizer construction", [&] {
+      validate_mesh();
+      validate_options(defaults_, default_algorithm_, "optimizer options: ");
+    });
+    std::string fp = detail::concat("ctor|", algorithm_name(default_algorithm_), '|', static_cast<int>(family_), '|',
+                                    detail::options_fingerprint(defaults_));
+    for (Comm* c : std::initializer_list<Comm*>{mesh_.replicate, mesh_.outer_shard, mesh_.inner_shard}) fp += detail::concat('|', c ? c->size() : 0);
+    agree_config("optimizer construction", fp);
+  }
+
+ public:
+  /// Dion with a replicate communicator and replicate_mesh_grad_sync: average every state tensor
+  /// (momentum, Q, scalar-group moments) over the replicate ranks (SPEC §2.6). With compressed
+  /// synchronization each replica keeps its own momentum; call this before saving a checkpoint so
+  /// that the saved state is the replicas' mean. A no-op otherwise. Collective: every rank calls it.
+  void synchronize_for_checkpoint() {
+    if constexpr (Comm::distributed) {
+      if (family_ != detail::Family::dion || !mesh_.replicate || !defaults_.replicate_mesh_grad_sync) return;
+      backend_->synchronize();
+      for (auto& p : params_)
+        for (auto& st : p.state) {
+          if (st.key == "step_dev" || st.shape.numel() == 0) continue;
+          dispatch_dtype(st.dtype, [&]<class T>() {
+            detail::average_in_place(*mesh_.replicate,
+                                     packed<T, Space>(static_cast<T*>(st.buf.data()), 1, 1, st.shape.numel()));
+          });
+        }
+      backend_->synchronize();
+    }
   }
 
  private:
+  // ============================================================ distributed agreement
+  // Every registration call is collective on a distributed mesh: validate locally, agree on the
+  // outcome (a rank that failed rethrows its own error, the others throw ConfigMismatch), then
+  // compare a hash of the configuration. Sequential agreement over each mesh dimension is global
+  // agreement, because the mesh is a product of its dimensions.
+  std::vector<Comm*> mesh_comms_;
+  Comm* ortho_comm_ = nullptr;  // the Muon family's 1-D communicator; Dion: the replicate one
+  Comm* shard_comm_ = nullptr;  // the communicator sharded matrices are split over
+  std::vector<std::vector<std::int64_t>> layouts_;  // distinct shard layouts of sharded chunks
+
+  int my_rank() const {
+    if constexpr (Comm::distributed) {
+      if (!mesh_comms_.empty()) return mesh_comms_.front()->rank();
+    }
+    return 0;
+  }
+  bool mesh_all_agree(bool ok) {
+    if constexpr (Comm::distributed)
+      for (Comm* c : mesh_comms_) ok = c->all_agree(ok);
+    return ok;
+  }
+  template <class F>
+  void agreed(const std::string& what, F&& f) {
+    if constexpr (!Comm::distributed) {
+      f();
+    } else {
+      if (mesh_comms_.empty()) return f();
+      std::exception_ptr err;
+      try {
+        f();
+      } catch (const CommError&) {
+        throw;  // the communicator itself failed: agreeing would fail too
+      } catch (...) {
+        err = std::current_exception();
+      }
+      const bool ok = mesh_all_agree(!err);
+      if (err) std::rethrow_exception(err);
+      if (!ok)
+        throw ConfigMismatch(detail::concat(what, ": rejected on another rank (see that rank's error); nothing was "
+                                                  "changed on rank ",
+                                            my_rank()),
+                             my_rank());
+    }
+  }
+  void agree_config(const std::string& what, const std::string& fingerprint) {
+    if constexpr (Comm::distributed) {
+      if (mesh_comms_.empty()) return;
+      bool same = true;
+      for (Comm* c : mesh_comms_) {
+        const bool s = c->same_everywhere(detail::fnv1a(fingerprint));
+        same = same && s;
+      }
+      if (!mesh_all_agree(same))
+        throw ConfigMismatch(
+            detail::concat(what, ": the ranks' configurations differ (hash compare on rank ", my_rank(),
+                           "); every rank must create the same groups and register the same parameters (names, "
+                           "global shapes, dtypes, sharding) with the same hyperparameters, in the same order"),
+            my_rank());
+    } else {
+      (void)what;
+      (void)fingerprint;
+    }
+  }
+  void validate_mesh() const {
+    if constexpr (Comm::distributed) {
+      if (family_ == detail::Family::dion) {
+        DION_CHECK(!mesh_.inner_shard, NotSupported,
+                   "Dion: inner_shard (tensor parallel) meshes are not implemented yet; pass Mesh::replicate "
+                   "(data parallel) or Mesh::outer_shard (FSDP)");
+        DION_CHECK(!(mesh_.replicate && mesh_.outer_shard), NotSupported,
+                   "Dion: replicate and outer_shard together (HSDP) are not implemented yet; pass one of them");
+      } else {
+        DION_CHECK(!mesh_.inner_shard, NotSupported, algorithm_name(default_algorithm_),
+                   ": no tensor-parallel (inner_shard) support (SPEC §2.1); pass one 1-D mesh");
+        DION_CHECK(!(mesh_.replicate && mesh_.outer_shard), InvalidArgument, algorithm_name(default_algorithm_),
+                   ": takes exactly one 1-D mesh (replicate for data parallel, or outer_shard for FSDP; with "
+                   "HSDP pass only the shard mesh), got both");
+      }
+    }
+  }
+  /// Before anything changes in step(): all ranks agree on which parameters have a gradient and on
+  /// whether any gradient is non-finite. Returns false when the step is skipped (on every rank).
+  bool step_prologue() {
+    bool local_bad = false;
+    if (defaults_.non_finite != NonFinitePolicy::propagate) local_bad = !check_finite_local();
+    for (auto& p : params_) p.live = p.grad.data != nullptr;
+    if constexpr (Comm::distributed) {
+      if (!mesh_comms_.empty()) {
+        // one MAX all-reduce per mesh dimension of (has a gradient, lacks one) per parameter, from
+        // the ranks that hold part of it, and the non-finite flag
+        const std::size_t n = params_.size();
+        auto& v = host_presence_;
+        v.assign(2 * n + 1, 0);
+        for (std::size_t i = 0; i < n; ++i) {
+          if (params_[i].param.shape.numel() == 0) continue;  // an empty shard has no say
+          v[params_[i].grad.data ? i : n + i] = 1;
+        }
+        v[2 * n] = local_bad ? 1 : 0;
+        for (Comm* c : mesh_comms_) detail::host_all_reduce(*c, v.data(), v.size(), ReduceOp::max);
+        for (std::size_t i = 0; i < n; ++i)
+          if (v[i] && v[n + i])
+            throw ConfigMismatch(detail::concat("step: the ranks disagree on whether parameter '", params_[i].name,
+                                                "' has a gradient (seen on rank ", my_rank(),
+                                                "); every rank must pass gradients for the same parameters (a rank "
+                                                "with nothing to contribute passes zeros). Nothing was changed"),
+                                 my_rank());
+        for (std::size_t i = 0; i < n; ++i) params_[i].live = v[i] != 0;
+        if (v[2 * n] && !local_bad && defaults_.non_finite == NonFinitePolicy::raise)
+          throw NonFinite(detail::concat("step: a gradient on another rank holds NaN or Inf (non_finite = raise); "
+                                         "nothing was changed on rank ", my_rank()),
+                          my_rank());
+        local_bad = v[2 * n] != 0;
+      }
+    }
+    if (local_bad && defaults_.non_finite == NonFinitePolicy::raise) throw NonFinite(first_nonfinite_message_);
+    return !local_bad;
+  }
+
   // ============================================================ registration
   int check_group(int g) const {
     DION_CHECK(g >= 0 && g < static_cast<int>(groups_.size()), InvalidArgument, "group index ", g,
@@ -338,6 +549,57 @@ class Optimizer {
   }
 
   void add_param(int gi, const std::string& name, View<Space> param, View<Space> grad, ShardSpec shard) {
+    const std::string where0 = detail::concat("parameter '", name, "' (group ", gi, "): add");
+    detail::ParamRecord<B> rec;
+    agreed(where0, [&] { rec = prepare_param(gi, name, param, grad, shard); });
+    if constexpr (Comm::distributed) {
+      const auto& gs = rec.global_shape;
+      agree_config(where0, detail::concat("param|", params_.size(), '|', name, '|', gi, '|', gs.str(), '|',
+                                          static_cast<int>(param.dtype), '|', rec.shard.dim, '|',
+                                          rec.shard.global_length));
+      if (rec.shard.sharded() && !is_scalar_algorithm(groups_[static_cast<std::size_t>(gi)].algorithm))
+        exchange_layout(rec, where0);  // same data on every rank: every rank reaches the same verdict
+    }
+    auto& g = groups_[static_cast<std::size_t>(gi)];
+    const Algorithm a = g.algorithm;
+    params_.push_back(std::move(rec));
+    g.params.push_back(static_cast<int>(params_.size()) - 1);
+    if (a == Algorithm::dion) init_dion_q(params_.back());
+    replan();
+  }
+
+  /// The shard layout of a sharded matrix: every rank's (offset, length), gathered over the
+  /// optimizer's communicator; the shards must tile the global rows contiguously in rank order
+  /// (FSDP's chunking, with uneven and empty shards allowed).
+  void exchange_layout(detail::ParamRecord<B>& rec, const std::string& where) {
+    if constexpr (Comm::distributed) {
+      Comm* c = shard_comm_;
+      const int W = c->size();
+      std::vector<std::int64_t> mine{rec.shard.offset, rec.shard.local_length};
+      std::vector<std::int64_t> all(static_cast<std::size_t>(2 * W));
+      detail::host_all_gather(*c, mine.data(), all.data(), 2);
+      std::vector<std::int64_t> offs(static_cast<std::size_t>(W + 1));
+      std::int64_t at = 0;
+      for (int i = 0; i < W; ++i) {
+        const auto off = all[static_cast<std::size_t>(2 * i)], len = all[static_cast<std::size_t>(2 * i + 1)];
+        DION_CHECK(off == at, InvalidArgument, where, ": rank ", i, " holds rows [", off, ", ", off + len,
+                   ") but the shards must tile the ", rec.shard.global_length,
+                   " global rows contiguously in rank order (expected offset ", at, ")");
+        offs[static_cast<std::size_t>(i)] = off;
+        at += len;
+      }
+      DION_CHECK(at == rec.shard.global_length, InvalidArgument, where, ": the shards hold ", at,
+                 " rows in total, the global shape has ", rec.shard.global_length);
+      offs[static_cast<std::size_t>(W)] = at;
+      rec.shard_offsets = std::move(offs);
+    } else {
+      (void)rec;
+      (void)where;
+    }
+  }
+
+  detail::ParamRecord<B> prepare_param(int gi, const std::string& name, View<Space> param, View<Space> grad,
+                                       ShardSpec shard) {
     check_group(gi);
     auto& g = groups_[static_cast<std::size_t>(gi)];
     const Options& o = g.opts;
@@ -387,8 +649,11 @@ class Optimizer {
 
     DION_CHECK(!shard.sharded() || Comm::distributed, NotSupported, where,
                "a sharded parameter needs a distributed communicator (this optimizer is single-process)");
+    Shape gshape = s;
+    if (shard.sharded()) check_shard(where, a, o, s, shard, gshape);
     detail::ParamRecord<B> rec;
     rec.shard = shard;
+    rec.global_shape = gshape;
     rec.name = name;
     rec.group = gi;
     rec.param = param;
@@ -417,14 +682,15 @@ class Optimizer {
       }
       case Algorithm::dion: {
         add_state("momentum", mom_t, s);
-        const std::int64_t m = s[0], n = s[1];
+        const std::int64_t m = gshape[0], n = gshape[1];  // the global shape decides rank and scale
         const double r0 = o.rank_fraction * static_cast<double>(std::min(m, n));
         std::int64_t r = o.rank_multiple_of *
                          static_cast<std::int64_t>(std::ceil(r0 / static_cast<double>(o.rank_multiple_of)));
         r = std::max<std::int64_t>(std::min({r, m, n}), std::min<std::int64_t>(1, std::min(m, n)));
-        rec.transposed = m < n;
+        // row-sharded (outer dim 0): B = Mᵀ so that B's sharded dim is its columns (SPEC §1.5)
+        rec.transposed = shard.sharded() ? true : m < n;
         rec.rank = r;
-        const std::int64_t q = rec.transposed ? m : n;
+        const std::int64_t q = rec.transposed ? s[0] : n;  // Q (m × r) is sharded like the rows
         add_state("Q", precision::resolve(P::Q, pd), Shape{q, r});
         break;
       }
@@ -435,10 +701,38 @@ class Optimizer {
         add_state("step_dev", DType::f32, Shape{});
         break;
     }
-    params_.push_back(std::move(rec));
-    g.params.push_back(static_cast<int>(params_.size()) - 1);
-    if (a == Algorithm::dion) init_dion_q(params_.back());
-    replan();
+    return rec;
+  }
+
+  /// A sharded parameter: which layouts are implemented, and its global shape.
+  void check_shard(const std::string& where, Algorithm a, const Options& o, const Shape& s, const ShardSpec& sh,
+                   Shape& gshape) const {
+    DION_CHECK(sh.dim == -2 || sh.dim == -1, InvalidArgument, where, "ShardSpec::dim = ", sh.dim,
+               " (allowed: -2 rows, -1 columns, 0 not sharded)");
+    DION_CHECK(s.ndim >= 1 && (sh.dim == -2 ? s.ndim >= 2 : true), InvalidArgument, where, "ShardSpec::dim = ",
+               sh.dim, " on a parameter of shape ", s.str());
+    const int d = s.ndim + sh.dim;
+    DION_CHECK(sh.local_length == s[d], ShapeMismatch, where, "ShardSpec::local_length = ", sh.local_length,
+               " differs from the local size ", s[d], " of dim ", sh.dim, " of the view ", s.str());
+    DION_CHECK(sh.offset >= 0 && sh.global_length >= 0 && sh.offset + sh.local_length <= sh.global_length,
+               InvalidArgument, where, "ShardSpec offset = ", sh.offset, ", local_length = ", sh.local_length,
+               " must lie within [0, global_length = ", sh.global_length, "]");
+    gshape.dims[static_cast<std::size_t>(d)] = sh.global_length;
+    if (is_scalar_algorithm(a)) {
+      // element-wise: any sharding works without communication, except Dion's replica averaging,
+      // which needs every replica to hold the whole tensor
+      DION_CHECK(!(family_ == detail::Family::dion && mesh_.replicate), NotSupported, where,
+                 "a sharded lion/adamw parameter cannot be averaged over Mesh::replicate; register it whole");
+      return;
+    }
+    DION_CHECK(shard_comm_ != nullptr, InvalidArgument, where,
+               "a sharded matrix needs the optimizer's mesh to name the communicator it is sharded over");
+    DION_CHECK(a != Algorithm::dion || mesh_.outer_shard, InvalidArgument, where,
+               "a sharded Dion matrix needs Mesh::outer_shard (FSDP): the rows are sharded over it");
+    DION_CHECK(sh.dim == -2, NotSupported, where,
+               "column-sharded (ShardSpec::dim = -1) matrices are not supported here; shard dim -2 (rows)");
+    DION_CHECK(o.num_heads == 1 && o.split_sizes.empty() && !(o.flatten && s.ndim >= 3), NotSupported, where,
+               "num_heads, split_sizes and flatten (on >2-D) are not supported on sharded parameters");
   }
 
   /// Dion's initial Q: i.i.d. standard normal from the counter-based generator keyed by
@@ -446,7 +740,8 @@ class Optimizer {
   void init_dion_q(detail::ParamRecord<B>& p) {
     auto v = p.state_view("Q");
     dispatch_dtype(v.dtype, [&]<class T>() {
-      backend_->randn(v.template mat<T>(), defaults_.seed, detail::mix64(p.key, 0x51ull), 0, 0, v.shape[1], 1.0f);
+      backend_->randn(v.template mat<T>(), defaults_.seed, detail::mix64(p.key, 0x51ull),
+                      p.shard.sharded() ? p.shard.offset : 0, 0, v.shape[1], 1.0f);
     });
   }
 
@@ -464,28 +759,36 @@ class Optimizer {
   void replan() {
     slots_.clear();
     chunks_.clear();
+    layouts_.clear();
     std::int64_t ws = 0;
     for (int gi = 0; gi < num_groups(); ++gi) {
       const auto& g = groups_[static_cast<std::size_t>(gi)];
       if (is_scalar_algorithm(g.algorithm)) continue;
       // collect slots keyed by matrix shape (and dtype for Dion)
-      std::map<std::tuple<std::int64_t, std::int64_t, int>, std::vector<int>> by_shape;
+      std::map<std::tuple<std::int64_t, std::int64_t, int, int>, std::vector<int>> by_shape;
       for (int pi : g.params) {
         const auto& p = params_[static_cast<std::size_t>(pi)];
         std::vector<detail::Slot> ss;
         if (g.algorithm == Algorithm::dion) {
           detail::Slot sl;
           sl.param = pi;
-          sl.rows = p.param.shape[0];
-          sl.cols = p.param.shape[1];
+          sl.rows = p.global_shape[0];
+          sl.cols = p.global_shape[1];
           ss.push_back(sl);
         } else {
-          ss = detail::muon_slots(pi, p.param.shape, g.opts);
+          // adjust_lr and the chunk key use the global shape (SPEC §0.1)
+          ss = detail::muon_slots(pi, p.global_shape, g.opts);
+        }
+        int layout = -1;
+        if (!p.shard_offsets.empty()) {
+          auto it = std::find(layouts_.begin(), layouts_.end(), p.shard_offsets);
+          layout = static_cast<int>(it - layouts_.begin());
+          if (it == layouts_.end()) layouts_.push_back(p.shard_offsets);
         }
         for (auto& sl : ss) {
           slots_.push_back(sl);
           const int key_dtype = g.algorithm == Algorithm::dion ? static_cast<int>(p.param.dtype) : 0;
-          by_shape[{sl.rows, sl.cols, key_dtype}].push_back(static_cast<int>(slots_.size()) - 1);
+          by_shape[{sl.rows, sl.cols, key_dtype, layout}].push_back(static_cast<int>(slots_.size()) - 1);
         }
       }
       for (auto& [key, ids] : by_shape) {
@@ -495,6 +798,7 @@ class Optimizer {
         proto.rows = std::get<0>(key);
         proto.cols = std::get<1>(key);
         proto.dtype = static_cast<DType>(std::get<2>(key));
+        proto.layout = std::get<3>(key);
         shape_plan(proto, g.opts, ids.empty() ? -1 : slots_[static_cast<std::size_t>(ids[0])].param);
         const std::int64_t per = bytes_per_matrix(proto, g.opts);
         const std::int64_t cap = std::max<std::int64_t>(1, g.opts.workspace_limit_bytes / std::max<std::int64_t>(per, 1));
@@ -509,22 +813,53 @@ class Optimizer {
             cur.count += nb;
             b0 += nb;
             if (cur.count == cap) {
-              ws = std::max(ws, cur.count * per + 4096);
+              ws = std::max(ws, chunk_bytes(cur, per));
               chunks_.push_back(std::move(cur));
               cur = proto;
             }
           }
         }
         if (cur.count > 0) {
-          ws = std::max(ws, cur.count * per + 4096);
+          ws = std::max(ws, chunk_bytes(cur, per));
           chunks_.push_back(std::move(cur));
         }
       }
     }
     if (static_cast<std::size_t>(ws) > workspace_.bytes()) workspace_ = backend_->alloc_bytes(static_cast<std::size_t>(ws));
+    // A backend with shape-dependent scratch (CUDA: factorizations, per-matrix reductions) sizes it
+    // here, at registration, so that step() never allocates.
+    if constexpr (requires(B& be, std::int64_t v) { be.reserve_for(v, v, v, v, v); }) {
+      for (const auto& c : chunks_) {
+        const bool dion = c.algorithm == Algorithm::dion;
+        const auto& o = groups_[static_cast<std::size_t>(c.group)].opts;
+        backend_->reserve_for(c.count, c.rows, c.cols, dion ? c.r : 0,
+                              dion ? ortho::rcqr_sketch_rows(c.r, o.rcqr_oversample) : 0);
+      }
+    }
     if (params_.size() * sizeof(int) > flags_.bytes()) flags_ = backend_->alloc_bytes(params_.size() * sizeof(int) + 64);
     host_flags_.resize(params_.size());
+    host_presence_.reserve(2 * params_.size() + 1);
+    if constexpr (Comm::distributed)
+      for (Comm* c : mesh_comms_) detail::reserve_host_staging(*c, (2 * params_.size() + 1) * sizeof(int) + 64);
     host_streams_.resize(static_cast<std::size_t>(max_chunk_count()));
+  }
+  /// Workspace of one chunk: single-process, count·per; distributed, what the distributed variant
+  /// carves (padded batch, exchange buffers).
+  std::int64_t chunk_bytes(const detail::Chunk& c, std::int64_t per) const {
+    std::int64_t b = c.count * per + 4096;
+    if constexpr (Comm::distributed) {
+      Comm* cc = c.layout >= 0 ? shard_comm_ : ortho_comm_;
+      if (cc && cc->size() > 1) {
+        const int W = cc->size();
+        const std::int64_t* offs =
+            c.layout >= 0 ? layouts_[static_cast<std::size_t>(c.layout)].data() : nullptr;
+        if (c.algorithm == Algorithm::dion)
+          b = std::max(b, detail::dion_dist_bytes(c, per, W));
+        else
+          b = std::max(b, detail::muon_dist_carve<ortho_t>(nullptr, c, W, offs).end + 4096);
+      }
+    }
+    return b;
   }
   std::int64_t max_chunk_count() const {
     std::int64_t m = 1;
@@ -532,7 +867,18 @@ class Optimizer {
     return m;
   }
   void shape_plan(detail::Chunk& c, const Options& o, int first_param) {
-    if (c.algorithm == Algorithm::dion2 || c.algorithm == Algorithm::nordion2) {
+    if ((c.algorithm == Algorithm::dion2 || c.algorithm == Algorithm::nordion2) && c.layout >= 0) {
+      // row-sharded (SPEC §1.3): select rows. local scope: k from the padded local size
+      // ceil(S/W), each rank takes min(k, its rows); global scope: k from the true global size.
+      const int W = static_cast<int>(layouts_[static_cast<std::size_t>(c.layout)].size()) - 1;
+      c.sel_rows = true;
+      c.global_scope = o.selection_scope == SelectionScope::global;
+      const std::int64_t S = c.rows;
+      const std::int64_t base = c.global_scope ? S : (S + W - 1) / W;
+      c.k = S == 0 ? 0
+                   : std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(o.fraction * static_cast<double>(base))));
+      c.k = std::min(c.k, c.global_scope ? S : base);
+    } else if (c.algorithm == Algorithm::dion2 || c.algorithm == Algorithm::nordion2) {
       c.sel_rows = c.algorithm == Algorithm::nordion2 ? true : c.rows <= c.cols;
       const std::int64_t S = c.sel_rows ? c.rows : c.cols;
       c.k = S == 0 ? 0 : std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(o.fraction * static_cast<double>(S))));
@@ -573,10 +919,35 @@ class Optimizer {
   void realloc_scalars() {
     if (host_scalars_.size() * sizeof(float) > scalars_.bytes())
       scalars_ = backend_->alloc_bytes(std::max<std::size_t>(64, 2 * host_scalars_.size() * sizeof(float)));
+    if ((groups_.size() + 1) * sizeof(float) > group_steps_.bytes()) {
+      group_steps_ = backend_->alloc_bytes(std::max<std::size_t>(64, 2 * (groups_.size() + 1) * sizeof(float)));
+      for (int g = 0; g < num_groups(); ++g) write_group_step(g);  // the counters moved: rewrite them
+    }
+  }
+  // Dion's AdamW groups read their group's step for bias correction (SPEC §1.8). The counter lives in
+  // backend memory and is advanced there, so a captured CUDA graph advances it on every replay.
+  // Layout of group_steps_: [one, step_0, step_1, ...] (the constant 1 is the increment).
+  float* group_step_ptr(int g) { return static_cast<float*>(group_steps_.data()) + 1 + g; }
+  void write_group_step(int g) {
+    if (!group_steps_.data()) return;
+    const float v[2] = {1.0f, static_cast<float>(groups_[static_cast<std::size_t>(g)].step)};
+    backend_->copy_from_host(&v[0], group_steps_.data(), sizeof(float));
+    backend_->copy_from_host(&v[1], group_step_ptr(g), sizeof(float));
+    backend_->synchronize();
+  }
+  void advance_group_steps() {
+    const auto n = static_cast<std::int64_t>(groups_.size());
+    auto* base = static_cast<float*>(group_steps_.data());
+    // steps (1 × n) += one broadcast: one add per group counter
+    for (std::int64_t g = 0; g < n; ++g) {
+      if (groups_[static_cast<std::size_t>(g)].algorithm != Algorithm::adamw) continue;
+      backend_->add_into(Mat<float, Space>{base + 1 + g, 1, 1, 1, 1, 1}, Mat<float, Space>{base, 1, 1, 1, 1, 1});
+    }
   }
 
   /// NaN/Inf screening of every gradient (one flag per parameter), before anything is changed.
-  bool check_finite() {
+  std::string first_nonfinite_message_;
+  bool check_finite_local() {
     auto* flags = static_cast<int*>(flags_.data());
     std::fill(host_flags_.begin(), host_flags_.end(), 0);
     backend_->copy_from_host(host_flags_.data(), flags, host_flags_.size() * sizeof(int));
@@ -589,9 +960,8 @@ class Optimizer {
     backend_->synchronize();
     for (std::size_t i = 0; i < params_.size(); ++i) {
       if (!host_flags_[i]) continue;
-      if (defaults_.non_finite == NonFinitePolicy::raise)
-        throw NonFinite(detail::concat("parameter '", params_[i].name,
-                                       "': gradient holds NaN or Inf (non_finite = raise); nothing was changed"));
+      first_nonfinite_message_ = detail::concat("parameter '", params_[i].name,
+                                                "': gradient holds NaN or Inf (non_finite = raise); nothing was changed");
       return false;
     }
     return true;
@@ -600,15 +970,31 @@ class Optimizer {
   void run_chunk(detail::Chunk& ch) {
     if (ch.count == 0) return;
     auto& g = groups_[static_cast<std::size_t>(ch.group)];
-    detail::StepContext<B, detail::ParamRecord<B>, detail::Chunk> cx{
+    detail::StepContext<B, detail::ParamRecord<B>, detail::Chunk, Comm> cx{
         *backend_, g.opts, ch, std::span<const detail::Slot>(slots_), params_, lr_ptr(ch.group), wd_ptr(ch.group),
         static_cast<char*>(workspace_.data()), g.step, host_streams_};
+    if constexpr (Comm::distributed) {
+      if (ch.layout >= 0 && shard_comm_->size() > 1) {
+        cx.comm = shard_comm_;
+        cx.offs = layouts_[static_cast<std::size_t>(ch.layout)].data();
+      } else if (ch.layout < 0 && ortho_comm_ && ortho_comm_->size() > 1) {
+        cx.comm = ortho_comm_;
+        cx.grad_sync = family_ == detail::Family::dion && defaults_.replicate_mesh_grad_sync;
+      }
+    }
     if (ch.algorithm == Algorithm::dion) detail::dion_chunk(cx);
     else detail::muon_family_chunk<ortho_t>(cx);
   }
   void run_scalar(int gi, detail::ParamRecord<B>& p) {
     auto& g = groups_[static_cast<std::size_t>(gi)];
-    detail::scalar_step(*backend_, g.algorithm, g.opts, p, lr_ptr(gi), wd_ptr(gi));
+    if constexpr (Comm::distributed) {
+      // Dion's scalar groups: average the gradient over the replicate ranks first (SPEC §2.5)
+      if (family_ == detail::Family::dion && mesh_.replicate && mesh_.replicate->size() > 1 &&
+          defaults_.replicate_mesh_grad_sync && p.grad.data)
+        dispatch_dtype(p.grad.dtype, [&]<class T>() { detail::average_in_place(*mesh_.replicate, p.grad.template mat<T>()); });
+    }
+    detail::scalar_step(*backend_, g.algorithm, g.opts, p, lr_ptr(gi), wd_ptr(gi),
+                        family_ == detail::Family::dion ? group_step_ptr(gi) : nullptr);
   }
 
  protected:
@@ -622,8 +1008,10 @@ class Optimizer {
   typename B::RawBuffer workspace_;
   typename B::RawBuffer scalars_;
   typename B::RawBuffer flags_;
+  typename B::RawBuffer group_steps_;
   std::vector<float> host_scalars_;
   std::vector<int> host_flags_;
+  std::vector<int> host_presence_;
   std::vector<std::uint64_t> host_streams_;
   std::int64_t skipped_steps_ = 0;
   bool last_skipped_ = false;

@@ -110,6 +110,12 @@ struct Options {
   std::uint64_t seed = 0;         ///< Dion's initial Q and RCQR sketches (counter-based generator)
   NonFinitePolicy non_finite = NonFinitePolicy::skip_step;
   std::int64_t workspace_limit_bytes = std::int64_t{256} << 20;  ///< cap of one orthogonalization batch
+  /// Dion (SPEC §2.5): the optimizer synchronizes over the mesh's `replicate` dimension. Full-rank
+  /// matrices (and lion/adamw parameters) get their gradients averaged in place before the step;
+  /// compressed low-rank matrices (rank_fraction < 1 and (m+n)·r < m·n) average P and R instead and
+  /// keep decoupled momenta (call synchronize_for_checkpoint() before saving). false: the caller
+  /// averages gradients itself (e.g. DDP). Ignored without a replicate communicator.
+  bool replicate_mesh_grad_sync = true;
 };
 
 /// Per-group overrides: an unset field takes the optimizer's Options value. Setting a field the

@@ -1,0 +1,205 @@
+// Helpers of dion's MPI tests: deterministic data, the single-process reference run, FSDP row
+// shards, and rank agreement for checks (RELIABILITY.md §4: never REQUIRE between collectives on
+// one rank only; reduce first, then CHECK on every rank).
+#pragma once
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "catch_compat.hpp"
+#include "dion/mpi.hpp"
+
+namespace dion_mpi_test {
+
+inline int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+inline int world_size() {
+  int s = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &s);
+  return s;
+}
+inline double max_over_ranks(double v) {
+  double out = v;
+  MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return out;
+}
+inline int sum_over_ranks(int v) {
+  int out = v;
+  MPI_Allreduce(&v, &out, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  return out;
+}
+
+/// A parameter of the test model: a 2-D (rows, cols) or 3-D (batch, rows, cols) matrix.
+struct PSpec {
+  std::string name;
+  std::int64_t batch = 1, rows = 0, cols = 0;
+  bool three_d = false;
+  std::int64_t numel() const { return batch * rows * cols; }
+  dion::Shape shape(std::int64_t r) const {
+    return three_d ? dion::Shape{batch, r, cols} : dion::Shape{r, cols};
+  }
+};
+
+/// Deterministic values: the same on every rank for the same (name, salt).
+inline std::vector<float> values(const std::string& name, std::uint64_t salt, std::size_t n, float scale = 1.0f) {
+  std::seed_seq seq{static_cast<unsigned>(dion::detail::fnv1a(name) & 0xffffffffu), static_cast<unsigned>(salt),
+                    static_cast<unsigned>(salt >> 32)};
+  std::mt19937 rng(seq);
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+
+/// Gradient of parameter `name` at `step` as seen by `rank` (rank = -1: the same on every rank).
+inline std::vector<float> grad_values(const PSpec& p, int step, int rank) {
+  return values(p.name, 1000u + static_cast<std::uint64_t>(step) * 64u + static_cast<std::uint64_t>(rank + 1),
+                static_cast<std::size_t>(p.numel()));
+}
+
+/// FSDP chunking of `rows` over W ranks: rank r holds [min(r·c, rows), min((r+1)·c, rows)), c = ⌈rows/W⌉.
+inline std::pair<std::int64_t, std::int64_t> fsdp_rows(std::int64_t rows, int W, int r) {
+  const std::int64_t c = (rows + W - 1) / W;
+  const std::int64_t a = std::min<std::int64_t>(c * r, rows), b = std::min<std::int64_t>(a + c, rows);
+  return {a, b};
+}
+/// Rows [a, b) of every matrix of a full (batch, rows, cols) tensor.
+inline std::vector<float> take_rows(const std::vector<float>& full, const PSpec& p, std::int64_t a, std::int64_t b) {
+  std::vector<float> out;
+  out.reserve(static_cast<std::size_t>(p.batch * (b - a) * p.cols));
+  for (std::int64_t m = 0; m < p.batch; ++m)
+    for (std::int64_t i = a; i < b; ++i)
+      for (std::int64_t j = 0; j < p.cols; ++j)
+        out.push_back(full[static_cast<std::size_t>((m * p.rows + i) * p.cols + j)]);
+  return out;
+}
+inline double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return 1e30;
+  double d = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double e = std::fabs(static_cast<double>(a[i]) - static_cast<double>(b[i]));
+    if (!(e <= d)) d = std::isnan(e) ? 1e30 : e;
+  }
+  return d;
+}
+/// max |Δa − Δb| / max |Δb| of the weight changes from x0.
+inline double update_rel_diff(const std::vector<float>& a, const std::vector<float>& b, const std::vector<float>& x0) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double da = static_cast<double>(a[i]) - x0[i], db = static_cast<double>(b[i]) - x0[i];
+    num = std::max(num, std::fabs(da - db));
+    den = std::max(den, std::fabs(db));
+  }
+  if (std::isnan(num)) return 1e30;
+  return den > 0 ? num / den : num;
+}
+
+/// How a test step feeds gradients.
+struct Feed {
+  int steps = 3;
+  bool drop_second_on_step2 = true;  ///< the 2nd parameter has no gradient at step 2 (on every rank)
+  bool per_rank_grads = false;       ///< each rank its own gradient; the reference uses the mean
+};
+
+/// Mean over ranks 0..W-1 of the per-rank gradients (the single-process reference of a
+/// data-parallel run with different gradients per rank).
+inline std::vector<float> mean_grad(const PSpec& p, int step, int W) {
+  std::vector<double> acc(static_cast<std::size_t>(p.numel()), 0.0);
+  for (int r = 0; r < W; ++r) {
+    const auto g = grad_values(p, step, r);
+    for (std::size_t i = 0; i < acc.size(); ++i) acc[i] += g[i];
+  }
+  std::vector<float> out(acc.size());
+  for (std::size_t i = 0; i < acc.size(); ++i) out[i] = static_cast<float>(acc[i] / W);
+  return out;
+}
+
+/// The single-process reference: plain dion::<Opt><EigenBackend> on the full tensors. Returns the
+/// parameters after `feed.steps` steps (and the momentum when `momenta` is given).
+template <class Opt>
+std::vector<std::vector<float>> run_single(const std::vector<PSpec>& specs, const dion::Options& opts, const Feed& feed,
+                                           int W, std::vector<std::vector<float>>* momenta = nullptr,
+                                           const char* key = "momentum") {
+  dion::EigenBackend be;
+  std::vector<std::vector<float>> x(specs.size()), g(specs.size());
+  Opt opt{be, opts};
+  auto grp = opt.add_group();
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    x[i] = values(specs[i].name, 7, static_cast<std::size_t>(specs[i].numel()));
+    g[i].assign(x[i].size(), 0.0f);
+    grp.add(specs[i].name, dion::host_view(x[i].data(), specs[i].shape(specs[i].rows)),
+            dion::host_view(g[i].data(), specs[i].shape(specs[i].rows)));
+  }
+  for (int s = 1; s <= feed.steps; ++s) {
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+      g[i] = feed.per_rank_grads ? mean_grad(specs[i], s, W) : grad_values(specs[i], s, -1);
+      if (feed.drop_second_on_step2 && s == 2 && i == 1) opt.clear_grad(specs[i].name);
+      else opt.set_grad(specs[i].name, dion::host_view(g[i].data(), specs[i].shape(specs[i].rows)));
+    }
+    opt.step();
+  }
+  if (momenta) {
+    momenta->clear();
+    for (const auto& p : specs) momenta->push_back(opt.read_state(p.name + "/" + key));
+  }
+  return x;
+}
+
+enum class Layout { ddp, fsdp };
+
+/// The distributed run: Mesh{.replicate} (DDP, full tensors on every rank) or Mesh{.outer_shard}
+/// (FSDP, rows sharded with FSDP chunking). Returns this rank's (local) parameters.
+template <class Opt>
+std::vector<std::vector<float>> run_dist(const std::vector<PSpec>& specs, const dion::Options& opts, const Feed& feed,
+                                         Layout layout, dion::MpiComm& comm,
+                                         std::vector<std::vector<float>>* momenta = nullptr, bool sync_ckpt = false,
+                                         const char* key = "momentum") {
+  const int W = comm.size(), me = comm.rank();
+  dion::EigenBackend be;
+  std::vector<std::vector<float>> x(specs.size()), g(specs.size());
+  std::vector<std::pair<std::int64_t, std::int64_t>> rows(specs.size());
+  dion::Mesh<dion::MpiComm> mesh;
+  if (layout == Layout::ddp) mesh.replicate = &comm;
+  else mesh.outer_shard = &comm;
+  Opt opt{be, mesh, opts};
+  auto grp = opt.add_group();
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    const auto& p = specs[i];
+    const auto full = values(p.name, 7, static_cast<std::size_t>(p.numel()));
+    rows[i] = layout == Layout::fsdp ? fsdp_rows(p.rows, W, me) : std::pair<std::int64_t, std::int64_t>{0, p.rows};
+    const auto [a, b] = rows[i];
+    x[i] = take_rows(full, p, a, b);
+    g[i].assign(x[i].size(), 0.0f);
+    dion::ShardSpec sh;
+    if (layout == Layout::fsdp) sh = {.dim = -2, .global_length = p.rows, .offset = a, .local_length = b - a};
+    grp.add(p.name, dion::host_view(x[i].data(), p.shape(b - a)), dion::host_view(g[i].data(), p.shape(b - a)), sh);
+  }
+  for (int s = 1; s <= feed.steps; ++s) {
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+      const auto& p = specs[i];
+      const auto full = grad_values(p, s, feed.per_rank_grads ? me : -1);
+      g[i] = take_rows(full, p, rows[i].first, rows[i].second);
+      if (feed.drop_second_on_step2 && s == 2 && i == 1) opt.clear_grad(p.name);
+      else opt.set_grad(p.name, dion::host_view(g[i].data(), p.shape(rows[i].second - rows[i].first)));
+    }
+    opt.step();
+  }
+  if (sync_ckpt) opt.synchronize_for_checkpoint();
+  if (momenta) {
+    momenta->clear();
+    for (const auto& p : specs) momenta->push_back(opt.read_state(p.name + "/" + key));
+  }
+  return x;
+}
+
+}  // namespace dion_mpi_test
