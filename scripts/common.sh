@@ -77,3 +77,31 @@ dion_build() {
 
 # Open MPI refuses root and more ranks than cores unless told; CI runs as root on 2 cores.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+
+# --- Sanitizer stage (scripts/test; RELIABILITY.md S1, C10) -----------------------------------------
+# dion_sanitizer_env: the runtime options of an ASan/UBSan run (non-recovering build: DION_SANITIZE).
+# Leaks are checked; Open MPI's known leaks are suppressed (tests/sanitizers/lsan-openmpi.supp).
+dion_sanitizer_env() {
+  export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1:detect_odr_violation=2:abort_on_error=0:halt_on_error=1}"
+  export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
+  export LSAN_OPTIONS="${LSAN_OPTIONS:-suppressions=$DION_ROOT/tests/sanitizers/lsan-openmpi.supp:fast_unwind_on_malloc=0}"
+}
+
+# dion_sanitizer_stage <build dir>: configure a CPU-only ASan+UBSan build (no CUDA, no MPI), build the
+# CPU test binary and the fuzz-corpus replay, run them (ctest labels unit and fuzz). Returns ctest's
+# status. DION_SANITIZE (address,undefined) and DION_SANITIZE_BUILD_TYPE (Release: -O3 -DNDEBUG, plus
+# -g1 from DION_SANITIZE) override.
+dion_sanitizer_stage() {
+  local build_dir="$1" log rc
+  shift
+  DION_CUDA=OFF DION_BUILD_TYPE="${DION_SANITIZE_BUILD_TYPE:-Release}" dion_configure "$build_dir" \
+    -DDION_SANITIZE="${DION_SANITIZE:-address,undefined}" -DDION_ENABLE_MPI=OFF -DDION_ENABLE_NCCL=OFF \
+    -DDION_BUILD_EXAMPLES=OFF -DDION_BUILD_BENCH=OFF -DDION_BUILD_TOOLS=OFF -DDION_INSTALL=OFF || return $?
+  dion_build "$build_dir" --target dion_tests dion_fuzz_replay || return $?
+  dion_sanitizer_env
+  log="$build_dir/ctest.log"
+  ctest --test-dir "$build_dir" --output-on-failure --no-tests=error -j "$DION_JOBS" -L '^(unit|fuzz)$' "$@" \
+    2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  return "$rc"
+}
