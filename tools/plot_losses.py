@@ -3,13 +3,16 @@
 
     /usr/bin/python3 tools/plot_losses.py RESULTS.json OUT.png [--title TEXT]
 
-RESULTS.json is what `dion_demo --out DIR` writes (DIR/results.json). Left: training loss (mean over
+RESULTS.json is what `dion_demo --out DIR` writes (DIR/results.json), or the same layout written by
+the GPU example (`dion_example_gpu_training --out DIR`, examples/05-gpu-training), whose optional
+"device" field names the GPU in the default title. Left: training loss (mean over
 windows of `log_every` steps) against the optimizer step, log scale; right: test accuracy after each
 epoch. Needs only matplotlib (Debian: python3-matplotlib, seen by /usr/bin/python3).
 """
 import argparse
 import json
 import sys
+import textwrap
 
 import matplotlib
 
@@ -47,7 +50,7 @@ def main() -> int:
     # Plain numbers on the log axis (a loss curve rarely spans a decade, so 10^k ticks alone say little).
     ys = [v for run in runs for v in run.get("curve", {}).get("train_loss", []) if v > 0]
     if ys:
-        ticks = [t for t in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5) if min(ys) * 0.9 <= t <= max(ys) * 1.1]
+        ticks = [t for t in (0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5) if min(ys) * 0.9 <= t <= max(ys) * 1.1]
         ax_loss.set_yticks(ticks)
         ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -62,9 +65,9 @@ def main() -> int:
     ax_acc.legend(fontsize="small")
     title = args.title or (
         f'dion {res.get("dion_version", "")}: {res.get("model", "MLP")} on Fashion-MNIST '
-        f'({ds.get("train", "?")} training images, batch {cfg.get("batch", "?")}, CPU)'
+        f'({ds.get("train", "?")} training images, batch {cfg.get("batch", "?")}, {res.get("device", "CPU")})'
     )
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 120))  # a long title (a GPU's name) takes two lines
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
     print(f"plot_losses: wrote {args.png}")

@@ -71,6 +71,7 @@
 
 #include "fashion_mnist.hpp"
 #include "mlp.hpp"
+#include "recipes.hpp"
 
 namespace {
 
@@ -104,36 +105,9 @@ struct Config {
   std::vector<std::string> optimizers = {"muon", "normuon", "dion", "dion2", "adamw"};
 };
 
-/// Learning rates of one run. The orthonormal optimizers share microsoft/dion's recipe: lr for the hidden
-/// matrices (shape-adjusted by dion: x sqrt(fan_out / fan_in)), Lion at lr / sqrt(fan_in) for the output
-/// layer and Lion at lr for the biases. The baselines use one lr for everything. (On this model the
-/// results hardly move between lr 0.02 and 0.05, or with the bias lr anywhere in [0.002, 0.02].)
-struct Recipe {
-  std::string name;   // muon, normuon, dion, dion2, nordion2, adamw, lion
-  std::string label;  // Muon, NorMuon, ...
-  float lr = 0.0f;
-  float head_lr = 0.0f;
-  float bias_lr = 0.0f;
-  bool orthonormal = true;
-};
-
-Recipe recipe_for(const std::string& name, int head_fan_in) {
-  Recipe r;
-  r.name = name;
-  const float ortho_lr = 0.02f;
-  r.lr = ortho_lr;
-  r.head_lr = ortho_lr / std::sqrt(static_cast<float>(head_fan_in));
-  r.bias_lr = ortho_lr;
-  if (name == "muon") r.label = "Muon";
-  else if (name == "normuon") r.label = "NorMuon";
-  else if (name == "dion") r.label = "Dion";
-  else if (name == "dion2") r.label = "Dion2";
-  else if (name == "nordion2" || name == "dion3") { r.name = "nordion2"; r.label = "NorDion2"; }
-  else if (name == "adamw") { r.label = "AdamW"; r.lr = 1e-3f; r.orthonormal = false; }
-  else if (name == "lion") { r.label = "Lion"; r.lr = 1e-4f; r.orthonormal = false; }
-  else throw std::invalid_argument("unknown optimizer '" + name + "' (muon, normuon, dion, dion2, nordion2, adamw, lion)");
-  return r;
-}
+using recipes::human_bytes;
+using recipes::Recipe;
+using recipes::recipe_for;
 
 /// "matrices 0.02 · head Lion 0.00177 · biases Lion 0.02", or "all 0.001" for the baselines.
 std::string describe(const Recipe& r) {
@@ -298,33 +272,12 @@ RunResult run(const Recipe& r, const Data& d, const Config& cfg) {
     register_parameters(opt, model, r);
     return train(opt, model, r, d, cfg);
   };
-  const dion::Options base{.lr = r.lr, .seed = cfg.seed};
-  if (r.name == "muon") { dion::Muon<dion::EigenBackend> opt{cpu, base}; return go(opt); }
-  if (r.name == "normuon") { dion::NorMuon<dion::EigenBackend> opt{cpu, base}; return go(opt); }
-  if (r.name == "dion") {
-    // Low rank: r = rank_fraction * min(m, n). Q is (n, r) instead of a full second buffer.
-    auto o = base;
-    o.rank_fraction = 0.25;
-    dion::Dion<dion::EigenBackend> opt{cpu, o};
-    return go(opt);
-  }
-  if (r.name == "dion2") { dion::Dion2<dion::EigenBackend> opt{cpu, base}; return go(opt); }
-  if (r.name == "nordion2") { dion::NorDion2<dion::EigenBackend> opt{cpu, base}; return go(opt); }
-  if (r.name == "adamw") { dion::AdamW<dion::EigenBackend> opt{cpu, base}; return go(opt); }
-  dion::Lion<dion::EigenBackend> opt{cpu, base};
-  return go(opt);
+  return recipes::with_optimizer(r, cpu, dion::Options{.seed = cfg.seed}, go);
 }
 
 // ------------------------------------------------------------------------------------------------
 // Reporting
 // ------------------------------------------------------------------------------------------------
-
-std::string human_bytes(std::int64_t b) {
-  char buf[32];
-  if (b >= (1 << 20)) std::snprintf(buf, sizeof buf, "%.2f MiB", static_cast<double>(b) / (1 << 20));
-  else std::snprintf(buf, sizeof buf, "%.1f KiB", static_cast<double>(b) / (1 << 10));
-  return buf;
-}
 
 std::string table(const std::vector<RunResult>& results) {
   std::ostringstream s;
