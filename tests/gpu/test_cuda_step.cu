@@ -386,3 +386,118 @@ TEST_CASE("cuda determinism: bitwise reproducible steps; dion's own reductions d
     }
   }
 }
+
+namespace {
+/// Default policy (skip_step) under graph capture: the skip is decided on the device, so step()
+/// captures; replays with a NaN or Inf gradient change nothing but the skip counter, and the graph
+/// follows an eager twin step for step. `dion` uses 2-D shapes only.
+template <class Opt>
+void skip_under_graph(const char* what, dion::Options o, bool dion, double tol_param, double tol_state) {
+  CudaEnv ee, ge;
+  Opt eager{*ee.be, o};
+  Opt graph{*ge.be, o};
+  std::vector<std::unique_ptr<DevParam>> pe, pg;
+  auto build = [&](Opt& opt, std::vector<std::unique_ptr<DevParam>>& ps) {
+    ps.push_back(std::make_unique<DevParam>("w1", dion::Shape{64, 48}));
+    ps.push_back(std::make_unique<DevParam>("w2", dion::Shape{64, 48}));
+    ps.push_back(std::make_unique<DevParam>("w3", dion ? dion::Shape{37, 53} : dion::Shape{3, 32, 16}));
+    ps.push_back(std::make_unique<DevParam>("w4", dion::Shape{48, 96}));
+    ps.push_back(std::make_unique<DevParam>("b1", dion::Shape{37}));
+    ps.push_back(std::make_unique<DevParam>("b2", dion::Shape{5, 7}));
+    auto g0 = opt.add_group();
+    for (int i = 0; i < 4; ++i) g0.add(ps[i]->name, ps[i]->xv(), ps[i]->gv());
+    opt.add_group({.algorithm = dion::Algorithm::adamw, .lr = 0.003f}).add(ps[4]->name, ps[4]->xv(), ps[4]->gv());
+    opt.add_group({.algorithm = dion::Algorithm::lion, .lr = 0.001f}).add(ps[5]->name, ps[5]->xv(), ps[5]->gv());
+  };
+  build(eager, pe);
+  build(graph, pg);
+  std::mt19937 rng(41);
+  for (std::size_t i = 0; i < pe.size(); ++i) {
+    const auto x0 = randv(rng, pe[i]->n);
+    pe[i]->put(pe[i]->x, x0, ee.stream);
+    pg[i]->put(pg[i]->x, x0, ge.stream);
+  }
+  auto feed = [&](int step) {
+    std::mt19937 r(500 + step);
+    for (std::size_t i = 0; i < pe.size(); ++i) {
+      auto g = randv(r, pe[i]->n);
+      if (step == 3 && i == 0) g[17] = std::nanf("");
+      if (step == 4 && i == 4) g[3] = -INFINITY;
+      if (step == 5 && i == 2) g[0] = INFINITY;
+      pe[i]->put(pe[i]->g, g, ee.stream);
+      pg[i]->put(pg[i]->g, g, ge.stream);
+    }
+  };
+  auto snapshot = [&](Opt& opt, std::vector<std::unique_ptr<DevParam>>& ps) {
+    std::vector<std::vector<float>> v;
+    for (auto& p : ps) v.push_back(p->get_x());
+    for (const auto& s : opt.state()) v.push_back(opt.read_state(s.name));
+    return v;
+  };
+  feed(0);
+  eager.step();
+  graph.step();
+  ee.sync();
+  ge.sync();
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  cuda_ok(cudaStreamBeginCapture(ge.stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+  graph.step();  // a host synchronization in step() would fail the capture
+  cuda_ok(cudaStreamEndCapture(ge.stream, &g), "end capture");
+  cuda_ok(cudaGraphInstantiate(&exec, g, 0), "instantiate");
+  int skipped = 0;
+  for (int s = 1; s <= 7; ++s) {
+    feed(s);
+    const bool bad = s >= 3 && s <= 5;
+    const auto before_e = bad ? snapshot(eager, pe) : std::vector<std::vector<float>>{};
+    const auto before_g = bad ? snapshot(graph, pg) : std::vector<std::vector<float>>{};
+    eager.step();
+    cuda_ok(cudaGraphLaunch(exec, ge.stream), "graph launch");
+    ee.sync();
+    ge.sync();
+    if (bad) {
+      ++skipped;
+      INFO(what << ": step " << s << " has a non-finite gradient");
+      CHECK(snapshot(eager, pe) == before_e);  // bitwise: parameters and every state tensor
+      CHECK(snapshot(graph, pg) == before_g);
+      CHECK(eager.last_step_skipped());
+      CHECK(graph.last_step_skipped());
+    } else {
+      CHECK_FALSE(eager.last_step_skipped());
+    }
+  }
+  CHECK(eager.skipped_steps() == skipped);
+  CHECK(graph.skipped_steps() == skipped);
+  CHECK(eager.step_count(0) == 1 + 7 - skipped);
+  CHECK(eager.step_count(1) == 1 + 7 - skipped);
+  double worst = 0;
+  const auto se = snapshot(eager, pe), sg = snapshot(graph, pg);
+  for (std::size_t i = 0; i < se.size(); ++i) {
+    const double e = rel_err(sg[i], se[i]);
+    INFO(what << ": tensor " << i << ": graph vs eager " << e);
+    CHECK(e <= (i < pe.size() ? tol_param : tol_state));
+    if (i < pe.size()) worst = std::max(worst, e);
+  }
+  errors().add(std::string("skip_step under graph capture, params graph vs eager: ") + what, worst, tol_param);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(g);
+}
+}  // namespace
+
+TEST_CASE("cuda graph: the default skip_step policy is captured; non-finite replays change nothing", "[gpu][graph][skip]") {
+  dion::Options o;
+  o.lr = 0.02f;
+  REQUIRE(o.non_finite == dion::NonFinitePolicy::skip_step);
+  skip_under_graph<dion::Muon<dion::CudaBackend>>("muon", o, false, 1e-6, 1e-6);
+  skip_under_graph<dion::NorMuon<dion::CudaBackend>>("normuon", o, false, 1e-6, 1e-6);
+  skip_under_graph<dion::Dion2<dion::CudaBackend>>("dion2", o, false, 1e-6, 1e-6);
+  skip_under_graph<dion::NorDion2<dion::CudaBackend>>("nordion2", o, false, 1e-6, 1e-6);
+  dion::Options d = o;
+  d.rank_fraction = 0.25;
+  d.qr_method = dion::QrMethod::qr;
+  skip_under_graph<dion::Dion<dion::CudaBackend>>("dion qr", d, true, 1e-6, 1e-6);
+  // rcqr: the captured sketch stream is the capture step's (the eager twin draws a new one each
+  // step), which may flip columns of Q but leaves the weights equal
+  d.qr_method = dion::QrMethod::rcqr;
+  skip_under_graph<dion::Dion<dion::CudaBackend>>("dion rcqr", d, true, 1e-4, 2.1);
+}

@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dion/core/concepts.hpp"
 #include "dion/core/geometry.hpp"
 #include "dion/core/options.hpp"
 #include "dion/core/view.hpp"
@@ -38,6 +39,41 @@ struct StepContext {
   Comm* comm = nullptr;              ///< Muon family: the 1-D mesh; Dion: the replicate communicator
   const std::int64_t* offs = nullptr;  ///< sharded chunk: first row of every rank, then the global rows
   bool grad_sync = false;            ///< Dion: replicate_mesh_grad_sync
+  // Dion: the group's count of steps taken, in backend memory (keys the sketch randomness on the
+  // device, so a skipped step or a graph replay keys it right) and as the host knows it (the CQR
+  // warm-up; on a GPU the host counts step() calls, skipped ones included)
+  const float* step_dev = nullptr;
+  std::int64_t taken_step = 0;
+};
+
+/// Merges the operations issued while it lives into fewer launches on a batching backend (a no-op
+/// on the others). The contract for what runs inside one scope: operations on different matrices
+/// are independent, and an operation issued on a matrix may depend only on operations of *other
+/// kinds* issued on that matrix before it (e.g. decay then scatter of one X). Operations that a
+/// backend cannot merge run in program order after everything pending. End the scope with
+/// finish(); a scope left by an exception drops what it has not launched.
+template <class B>
+class BatchScope {
+ public:
+  explicit BatchScope(B& be) : be_(be) {
+    if constexpr (BatchingBackend<B>) be_.begin_batch();
+  }
+  BatchScope(const BatchScope&) = delete;
+  BatchScope& operator=(const BatchScope&) = delete;
+  void finish() {
+    if (done_) return;
+    done_ = true;
+    if constexpr (BatchingBackend<B>) be_.end_batch();
+  }
+  ~BatchScope() {
+    if constexpr (BatchingBackend<B>) {
+      if (!done_) be_.abandon_batch();
+    }
+  }
+
+ private:
+  B& be_;
+  bool done_ = false;
 };
 
 /// Bump allocator over the workspace (256-byte aligned carving, no allocation).

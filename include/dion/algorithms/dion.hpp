@@ -83,6 +83,7 @@ void dion_chunk(Ctx& cx) {
     std::vector<Live> live;
     live.reserve(ch.items.size());
     std::int64_t cnt = 0;
+    BatchScope start(cx.be);  // M += G and the copies of Q, merged across the chunk
     for (const auto& it : ch.items) {
       auto& pr = cx.params[static_cast<std::size_t>(cx.slots[static_cast<std::size_t>(it.slot)].param)];
       if (!pr.live) continue;
@@ -98,28 +99,37 @@ void dion_chunk(Ctx& cx) {
       dispatch_dtype(qv.dtype, [&]<class TQ>() {
         cx.be.copy(qv.template mat<TQ>(), packed<TM, Space>(qw + cnt * q * r, 1, q, r));
       });
-      cx.streams[static_cast<std::size_t>(cnt)] = mix64(pr.key, static_cast<std::uint64_t>(cx.group_step));
+      cx.streams[static_cast<std::size_t>(cnt)] = pr.key;  // mixed with the device step count
       live.push_back({static_cast<int>(&pr - cx.params.data()), cnt});
       ++cnt;
     }
+    start.finish();
     if (cnt == 0) return;
     auto Mmat = [&](const Live& l) {
       return cx.params[static_cast<std::size_t>(l.param)].state_view("momentum").template mat<TM>();
+    };
+    // one product per matrix of the chunk (M is each parameter's own state): a batching backend
+    // turns each loop into one pointer-array GEMM
+    auto each_gemm = [&](auto&& f) {
+      BatchScope products(cx.be);
+      for (const auto& l : live) f(l);
+      products.finish();
     };
     auto P = packed<TM, Space>(pp, cnt, p, r);
     auto R = packed<TM, Space>(rr, cnt, q, r);
     auto Qw = packed<TM, Space>(qw, cnt, q, r);
 
-    const bool use_cqr = o.qr_method == QrMethod::cqr && cx.group_step > o.cqr_warmup_steps;
+    const bool use_cqr = o.qr_method == QrMethod::cqr && cx.taken_step > o.cqr_warmup_steps;
     for (int it = 0; it < o.power_iters; ++it) {
-      for (const auto& l : live)  // P = B·Q
+      each_gemm([&](const Live& l) {  // P = B·Q
         cx.be.gemm(tr ? Op::T : Op::N, Op::N, 1.0f, Mmat(l), Qw.at(l.pos), 0.0f, P.at(l.pos));
+      });
       if (W == 1 || cnt == 1) {
         if constexpr (is_distributed_v<Comm>) {
           if (comp) average_in_place(*cx.comm, P);
         }
         ortho::orthonormalize(cx.be, o.qr_method, use_cqr, o.rcqr_oversample, P, qr_scratch,
-                              ortho::SketchKey{o.seed, cx.streams.data()});
+                              ortho::SketchKey{o.seed, cx.streams.data(), cx.step_dev});
       } else {
         if constexpr (is_distributed_v<Comm>) {
           // compressed: average P over the replicas; then rank j orthonormalizes the contiguous block
@@ -130,14 +140,15 @@ void dion_chunk(Ctx& cx) {
           const std::int64_t lo = std::min<std::int64_t>(me * per, cnt), hi = std::min<std::int64_t>(lo + per, cnt);
           if (hi > lo)
             ortho::orthonormalize(cx.be, o.qr_method, use_cqr, o.rcqr_oversample, P.slice(lo, hi - lo), qr_scratch,
-                                  ortho::SketchKey{o.seed, cx.streams.data() + lo});
+                                  ortho::SketchKey{o.seed, cx.streams.data() + lo, cx.step_dev});
           const std::int64_t pad0 = std::max<std::int64_t>(hi, me * per), pad1 = (me + 1) * per;
           if (pad1 > pad0) cx.be.fill(packed<TM, Space>(pp + pad0 * e, pad1 - pad0, p, r), 0.0f);
           cx.comm->all_gather_inplace(pp, static_cast<std::size_t>(per * e));
         }
       }
-      for (const auto& l : live)  // R = Bᵀ·P
+      each_gemm([&](const Live& l) {  // R = Bᵀ·P
         cx.be.gemm(tr ? Op::N : Op::T, Op::N, 1.0f, Mmat(l), P.at(l.pos), 0.0f, R.at(l.pos));
+      });
       if constexpr (is_distributed_v<Comm>) {
         if (comp) average_in_place(*cx.comm, R);
       }
@@ -147,7 +158,11 @@ void dion_chunk(Ctx& cx) {
       }
     }
     // all-zero / non-finite guard on the momentum after M += G
-    for (const auto& l : live) cx.be.all_zero_flags(Mmat(l), zero_flags + l.pos);
+    {
+      BatchScope flags(cx.be);
+      for (const auto& l : live) cx.be.all_zero_flags(Mmat(l), zero_flags + l.pos);
+      flags.finish();
+    }
     if constexpr (is_distributed_v<Comm>) {
       // decoupled momenta: the guard fires only where every replica's M is zero, so all replicas
       // take the same branch (SPEC §7.16)
@@ -155,32 +170,41 @@ void dion_chunk(Ctx& cx) {
     }
     if (o.power_iters > 1) {
       // the guard's fallback is the stored Q, not the last iterate
+      BatchScope copies(cx.be);
       for (const auto& l : live) {
         auto& pr = cx.params[static_cast<std::size_t>(l.param)];
         auto qv = pr.state_view("Q");
         dispatch_dtype(qv.dtype, [&]<class TQ>() { cx.be.copy(qv.template mat<TQ>(), Qw.at(l.pos)); });
       }
+      copies.finish();
     }
     cx.be.dion_guard(P, R, Qw, zero_flags);
-    // error feedback: B ← B − (1−mu)·P·Rᵀ, i.e. M ← M − (1−mu)·P·Rᵀ or M − (1−mu)·R·Pᵀ
+    // error feedback: B ← B − (1−mu)·P·Rᵀ, i.e. M ← M − (1−mu)·P·Rᵀ or M − (1−mu)·R·Pᵀ. A product
+    // cannot be predicated: on a skipped step its operands are zeroed, so it adds exact zeros.
+    cx.be.zero_if_skip(P);
+    cx.be.zero_if_skip(R);
     const float ef = -(1.0f - o.mu);
-    for (const auto& l : live) {
+    each_gemm([&](const Live& l) {
       if (!tr) cx.be.gemm(Op::N, Op::T, ef, P.at(l.pos), R.at(l.pos), 1.0f, Mmat(l));
       else cx.be.gemm(Op::N, Op::T, ef, R.at(l.pos), P.at(l.pos), 1.0f, Mmat(l));
-    }
+    });
     auto Qn = packed<TM, Space>(qn, cnt, q, r);
     cx.be.col_normalize(R, o.epsilon, Qn);
+    // U = P·Qnᵀ (or Qn·Pᵀ) for the whole chunk in one batched product, then the updates and the
+    // stores of Q, merged
     auto U = packed<TM, Space>(uu, cnt, m, n);
+    if (!tr) cx.be.gemm(Op::N, Op::T, 1.0f, P.slice(0, cnt), Qn, 0.0f, U);
+    else cx.be.gemm(Op::N, Op::T, 1.0f, Qn, P.slice(0, cnt), 0.0f, U);
+    BatchScope finish(cx.be);
     for (const auto& l : live) {
       auto& pr = cx.params[static_cast<std::size_t>(l.param)];
-      if (!tr) cx.be.gemm(Op::N, Op::T, 1.0f, P.at(l.pos), Qn.at(l.pos), 0.0f, U.at(l.pos));
-      else cx.be.gemm(Op::N, Op::T, 1.0f, Qn.at(l.pos), P.at(l.pos), 0.0f, U.at(l.pos));
       dispatch_dtype(pr.param.dtype, [&]<class TX>() {
         cx.be.apply_update(pr.param.template mat<TX>(), U.at(l.pos), cx.lr, cx.wd, lr_scale, false);
       });
       auto qv = pr.state_view("Q");
       dispatch_dtype(qv.dtype, [&]<class TQ>() { cx.be.copy(Qn.at(l.pos), qv.template mat<TQ>()); });
     }
+    finish.finish();
   });
 }
 
@@ -242,7 +266,7 @@ void dion_chunk_sharded(Ctx& cx) {
           be.copy(qv.template mat<TQ>(), packed<TM, Space>(qw + cnt * lme * r, 1, lme, r));
         });
       }
-      cx.streams[static_cast<std::size_t>(cnt)] = mix64(pr.key, static_cast<std::uint64_t>(cx.group_step));
+      cx.streams[static_cast<std::size_t>(cnt)] = pr.key;  // mixed with the device step count
       live.push_back({static_cast<int>(&pr - cx.params.data()), cnt});
       ++cnt;
     }
@@ -261,16 +285,16 @@ void dion_chunk_sharded(Ctx& cx) {
     }
     reduce_in_place(comm, P, ReduceOp::sum);
     // orthonormalize: one owner per matrix (contiguous blocks), all-gathered
-    const bool use_cqr = o.qr_method == QrMethod::cqr && cx.group_step > o.cqr_warmup_steps;
+    const bool use_cqr = o.qr_method == QrMethod::cqr && cx.taken_step > o.cqr_warmup_steps;
     if (cnt == 1) {
       ortho::orthonormalize(be, o.qr_method, use_cqr, o.rcqr_oversample, P, qr_scratch,
-                            ortho::SketchKey{o.seed, cx.streams.data()});
+                            ortho::SketchKey{o.seed, cx.streams.data(), cx.step_dev});
     } else {
       const std::int64_t per = (cnt + W - 1) / W, e = n * r;
       const std::int64_t lo = std::min<std::int64_t>(me * per, cnt), hi = std::min<std::int64_t>(lo + per, cnt);
       if (hi > lo)
         ortho::orthonormalize(be, o.qr_method, use_cqr, o.rcqr_oversample, P.slice(lo, hi - lo), qr_scratch,
-                              ortho::SketchKey{o.seed, cx.streams.data() + lo});
+                              ortho::SketchKey{o.seed, cx.streams.data() + lo, cx.step_dev});
       const std::int64_t pad0 = std::max<std::int64_t>(hi, me * per), pad1 = (me + 1) * per;
       if (pad1 > pad0) be.fill(packed<TM, Space>(pp + pad0 * e, pad1 - pad0, n, r), 0.0f);
       comm.all_gather_inplace(pp, static_cast<std::size_t>(per * e));
@@ -282,6 +306,8 @@ void dion_chunk_sharded(Ctx& cx) {
     }
     comm.all_reduce(zero_flags, static_cast<std::size_t>(cnt), ReduceOp::min);
     be.dion_guard(P, R, Qw, zero_flags);
+    be.zero_if_skip(P);  // a skipped step: the error-feedback product adds exact zeros
+    be.zero_if_skip(R);
     const float ef = -(1.0f - o.mu);
     if (lme > 0)
       for (const auto& l : live) be.gemm(Op::N, Op::T, ef, R.at(l.pos), P.at(l.pos), 1.0f, Mloc(l));

@@ -133,29 +133,43 @@ void muon_family_chunk(Ctx& cx) {
   std::int64_t pos = 0;
   for (const auto& it : ch.items) {
     const Slot& sl = cx.slots[static_cast<std::size_t>(it.slot)];
-    auto& p = cx.params[static_cast<std::size_t>(sl.param)];
-    if (!p.live) continue;
-    const auto mview = p.state_view("momentum");
-    Mat<OrthoT, Space> U = packed<OrthoT, Space>(u_data + pos * ur * uc, it.nb, ur, uc);
-    dispatch_dtype(p.param.dtype, [&]<class TG>() {
-      dispatch_dtype(mview.dtype, [&]<class TM>() {
-        auto G = geometry_mat<TG>(p.grad, sl.geo).slice(it.b0, it.nb);
-        auto M = geometry_mat<TM>(mview, sl.geo).slice(it.b0, it.nb);
-        if (!selective) {
-          cx.be.muon_momentum(G, M, U, o.mu, o.nesterov);
-        } else {
-          cx.be.add_into(M, G);
-          std::int64_t* id = idx + pos * ch.k;
-          cx.be.select_topk(M, ch.sel_rows, ch.k, id);
-          const float decay = alg == Algorithm::dion2 ? o.ef_decay : o.mu;
-          cx.be.gather_slices(M, id, ch.k, ch.sel_rows, decay, U);
-        }
-      });
-    });
+    if (!cx.params[static_cast<std::size_t>(sl.param)].live) continue;
     done.push_back({it.slot, it.b0, it.nb, pos});
     pos += it.nb;
   }
   if (pos == 0) return;
+  // Pre-orthogonalization, one pass per kind of op over all matrices of the chunk (a batching
+  // backend merges each pass into a few launches): Muon / NorMuon momentum; Dion2 / NorDion2
+  // momentum += G, then per matrix the top-k selection, then the gather with decay.
+  auto each = [&](auto&& f) {
+    for (const auto& d : done) {
+      const Slot& sl = cx.slots[static_cast<std::size_t>(d.slot)];
+      auto& p = cx.params[static_cast<std::size_t>(sl.param)];
+      const auto mview = p.state_view("momentum");
+      dispatch_dtype(p.param.dtype, [&]<class TG>() {
+        dispatch_dtype(mview.dtype, [&]<class TM>() {
+          f(d, geometry_mat<TG>(p.grad, sl.geo).slice(d.b0, d.nb), geometry_mat<TM>(mview, sl.geo).slice(d.b0, d.nb),
+            packed<OrthoT, Space>(u_data + d.pos * ur * uc, d.nb, ur, uc));
+        });
+      });
+    }
+  };
+  if (!selective) {
+    BatchScope batch(cx.be);
+    each([&](const Done&, auto G, auto M, auto U) { cx.be.muon_momentum(G, M, U, o.mu, o.nesterov); });
+    batch.finish();
+  } else {
+    const float decay = alg == Algorithm::dion2 ? o.ef_decay : o.mu;
+    BatchScope adds(cx.be);
+    each([&](const Done&, auto G, auto M, auto) { cx.be.add_into(M, G); });
+    adds.finish();
+    each([&](const Done& d, auto, auto M, auto) { cx.be.select_topk(M, ch.sel_rows, ch.k, idx + d.pos * ch.k); });
+    BatchScope gathers(cx.be);
+    each([&](const Done& d, auto, auto M, auto U) {
+      cx.be.gather_slices(M, idx + d.pos * ch.k, ch.k, ch.sel_rows, decay, U);
+    });
+    gathers.finish();
+  }
   if (W == 1 || pos == 1) {
     // single process, or one matrix (SPEC §0.3 case C: every rank orthogonalizes it redundantly)
     ortho::orthogonalize(cx.be, o.orthogonalizer, o.ns_steps, o.epsilon, packed<OrthoT, Space>(u_data, pos, ur, uc),
@@ -176,6 +190,7 @@ void muon_family_chunk(Ctx& cx) {
     }
   }
 
+  BatchScope updates(cx.be);  // Muon's and Dion2's updates merge; the Nor* ones launch per matrix
   for (const auto& d : done) {
     const Slot& sl = cx.slots[static_cast<std::size_t>(d.slot)];
     auto& p = cx.params[static_cast<std::size_t>(sl.param)];
@@ -218,6 +233,7 @@ void muon_family_chunk(Ctx& cx) {
       }
     });
   }
+  updates.finish();
 }
 
 /// FSDP: every matrix of the chunk is sharded by rows over the optimizer's communicator, contiguous
@@ -255,6 +271,7 @@ void muon_family_sharded(Ctx& cx) {
   std::vector<Live> live;
   live.reserve(ch.items.size());
   std::int64_t pos = 0;
+  BatchScope pre(be);  // ends before the exchange reads the buffers
   for (const auto& it : ch.items) {
     const Slot& sl = cx.slots[static_cast<std::size_t>(it.slot)];
     auto& p = cx.params[static_cast<std::size_t>(sl.param)];
@@ -284,6 +301,7 @@ void muon_family_sharded(Ctx& cx) {
     live.push_back({it.slot, it.b0, it.nb, pos});
     pos += it.nb;
   }
+  pre.finish();
   if (pos == 0) return;  // gradient presence is agreed across ranks before the step
 
   // 2. unshard, orthogonalize on the owner, reshard
@@ -355,6 +373,7 @@ void muon_family_sharded(Ctx& cx) {
   if (lme == 0) return;
 
   // 3. the update of the local shards
+  BatchScope updates(be);
   for (const auto& l : live) {
     const Slot& sl = cx.slots[static_cast<std::size_t>(l.slot)];
     auto& p = cx.params[static_cast<std::size_t>(sl.param)];
@@ -417,6 +436,7 @@ void muon_family_sharded(Ctx& cx) {
       }
     });
   }
+  updates.finish();
 }
 
 }  // namespace dion::detail

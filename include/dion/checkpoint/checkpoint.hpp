@@ -116,8 +116,6 @@ struct EngineAccess<CheckpointAccessTag> {
   template <class Opt>
   static int family(const Opt& o) { return static_cast<int>(o.family_); }
   template <class Opt>
-  static std::int64_t& skipped_steps(Opt& o) { return o.skipped_steps_; }
-  template <class Opt>
   static const std::vector<int>& group_params(const Opt& o, int g) {
     return o.groups_[static_cast<std::size_t>(g)].params;
   }
@@ -479,7 +477,7 @@ safetensors::Writer make_rank_writer(Opt& opt, std::vector<std::vector<std::byte
       {"optimizer", algorithm_name(A::default_algorithm(opt))},
       {"backend", std::string(Opt::backend_type::name)},
       {"layout", json{{"world_size", world}, {"rank", rank}}},
-      {"skipped_steps", A::skipped_steps(opt)},
+      {"skipped_steps", opt.skipped_steps()},
       {"groups", std::move(groups)},
       {"params", std::move(params)},
       {"tensors", std::move(tensors)},
@@ -958,7 +956,7 @@ void commit(Opt& opt, const Staged& s) {
     opt.set_lr(g, s.lr_wd[static_cast<std::size_t>(g)].first);
     opt.set_weight_decay(g, s.lr_wd[static_cast<std::size_t>(g)].second);
   }
-  A::skipped_steps(opt) = s.skipped;
+  opt.set_skipped_steps(s.skipped);
 }
 
 }  // namespace detail

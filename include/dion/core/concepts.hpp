@@ -58,6 +58,20 @@ concept Backend = requires(B& b, typename B::RawBuffer& buf, Mat<float, typename
   b.trsm_right_upper(m, m);
   b.orthogonality_check(m, 1.0f, flags);
   b.randn(m, std::uint64_t{}, std::uint64_t{}, std::int64_t{}, std::int64_t{}, std::int64_t{}, 1.0f);
+  // the step predicate (a skipped step decided in backend memory, no host round trip)
+  b.set_skip(static_cast<const int*>(flags));
+  b.zero_if_skip(m);
+  b.accumulate_flag(static_cast<const int*>(flags), idx);
+};
+
+/// Optional: a backend that can merge the independent operations issued between begin_batch() and
+/// end_batch() into fewer launches (CudaBackend: multi-tensor element-wise kernels and pointer-array
+/// GEMMs). Use it through detail::BatchScope.
+template <class B>
+concept BatchingBackend = requires(B& b) {
+  b.begin_batch();
+  b.end_batch();
+  b.abandon_batch();
 };
 
 /// A Communicator spans the ranks of one mesh dimension. `Space` is the memory its collectives can

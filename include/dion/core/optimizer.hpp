@@ -91,7 +91,10 @@ struct ParamRecord {
 struct GroupRecord {
   Algorithm algorithm = Algorithm::muon;
   Options opts;
+  // step() calls since the count was last set (Dion's sketch streams and CQR warm-up read it);
+  // step_count() subtracts the steps skipped since then (skip_base: the skip counter at that time)
   std::int64_t step = 0;
+  std::int64_t skip_base = 0;
   std::vector<int> params;
 };
 
@@ -213,6 +216,7 @@ class Optimizer {
     });
     agree_config(where + "add_group",
                  detail::concat("group|", groups_.size(), '|', algorithm_name(a), '|', detail::options_fingerprint(rec.opts)));
+    rec.skip_base = read_skip_count();
     groups_.push_back(std::move(rec));
     host_scalars_.resize(2 * groups_.size());
     write_group_scalars(static_cast<int>(groups_.size()) - 1);
@@ -258,18 +262,40 @@ class Optimizer {
   }
   const Options& options(int group) const { return groups_.at(static_cast<std::size_t>(check_group(group))).opts; }
   Algorithm algorithm(int group) const { return groups_.at(static_cast<std::size_t>(check_group(group))).algorithm; }
-  /// Steps taken by a group (counts every step() that was not skipped).
-  std::int64_t step_count(int group) const { return groups_.at(static_cast<std::size_t>(check_group(group))).step; }
+  /// Steps taken by a group (counts every step() that was not skipped). Under the default
+  /// NonFinitePolicy::skip_step the skip is decided in backend memory, so on a GPU this reads a
+  /// counter back (one synchronization of the backend's stream); step() itself never does.
+  std::int64_t step_count(int group) const {
+    const auto& g = groups_.at(static_cast<std::size_t>(check_group(group)));
+    return g.step - (read_skip_count() - g.skip_base);
+  }
   void set_step_count(int group, std::int64_t s) {
     check_group(group);
     DION_CHECK(s >= 0, InvalidArgument, "step count = ", s, " must be >= 0");
-    groups_[static_cast<std::size_t>(group)].step = s;
+    auto& g = groups_[static_cast<std::size_t>(group)];
+    g.step = s;
+    g.skip_base = read_skip_count();
     write_group_step(group);
   }
 
-  /// Steps skipped because a gradient held NaN/Inf (NonFinitePolicy::skip_step).
-  std::int64_t skipped_steps() const noexcept { return skipped_steps_; }
-  bool last_step_skipped() const noexcept { return last_skipped_; }
+  /// Steps skipped because a gradient held NaN/Inf (NonFinitePolicy::skip_step); reads the counter
+  /// from backend memory (a synchronization on a GPU).
+  std::int64_t skipped_steps() const { return read_skip_count(); }
+  /// Whether the last step() was skipped (reads the flag from backend memory).
+  bool last_step_skipped() const {
+    int f = 0;
+    backend_->copy_to_host(skip_flag_ptr(), &f, sizeof(int));
+    backend_->synchronize();
+    return f != 0;
+  }
+  /// Set the skipped-step counter (checkpoint restore); step_count() of every group is unchanged.
+  void set_skipped_steps(std::int64_t n) {
+    DION_CHECK(n >= 0, InvalidArgument, "skipped steps = ", n, " must be >= 0");
+    const std::int64_t old = read_skip_count();
+    for (auto& g : groups_) g.skip_base += n - old;
+    backend_->copy_from_host(&n, skip_count_ptr(), sizeof(n));
+    backend_->synchronize();
+  }
 
   // ------------------------------------------------------------ state by name
   /// Every state tensor, in registration order, named "<param>/<key>".
@@ -318,21 +344,35 @@ class Optimizer {
 
   /// One optimizer step over every parameter that has a gradient. Enqueues work on the backend; no
   /// allocation happens here (everything was sized at registration).
+  ///
+  /// Non-finite gradients (Options::non_finite): `skip_step` (default) raises a flag in backend
+  /// memory and predicates every write to parameters and state on it, so a step with a NaN/Inf
+  /// gradient changes nothing (only the skip counter) without any host synchronization, and the
+  /// whole step can be captured in a CUDA graph; `raise` checks on the host first (a
+  /// synchronization) and throws NonFinite naming the parameter; `propagate` checks nothing.
   void step() {
-    last_skipped_ = false;
-    if (!step_prologue()) {
-      last_skipped_ = true;
-      ++skipped_steps_;
-      return;
-    }
+    step_prologue();
+    const bool predicated = defaults_.non_finite == NonFinitePolicy::skip_step;
     backend_->copy_from_host(host_scalars_.data(), scalars_.data(), host_scalars_.size() * sizeof(float));
-    for (auto& g : groups_) ++g.step;
-    if (family_ == detail::Family::dion) advance_group_steps();
-    for (auto& ch : chunks_) run_chunk(ch);
-    for (int gi = 0; gi < num_groups(); ++gi) {
-      auto& g = groups_[static_cast<std::size_t>(gi)];
-      if (!is_scalar_algorithm(g.algorithm)) continue;
-      for (int pi : g.params) run_scalar(gi, params_[static_cast<std::size_t>(pi)]);
+    if (predicated) raise_skip_flag();
+    try {
+      for (auto& g : groups_) ++g.step;
+      if (family_ == detail::Family::dion) advance_group_steps();
+      for (auto& ch : chunks_) run_chunk(ch);
+      for (int gi = 0; gi < num_groups(); ++gi) {
+        auto& g = groups_[static_cast<std::size_t>(gi)];
+        if (!is_scalar_algorithm(g.algorithm)) continue;
+        detail::BatchScope batch(*backend_);
+        for (int pi : g.params) run_scalar(gi, params_[static_cast<std::size_t>(pi)]);
+        batch.finish();
+      }
+    } catch (...) {
+      if (predicated) backend_->set_skip(nullptr);
+      throw;
+    }
+    if (predicated) {
+      backend_->set_skip(nullptr);
+      backend_->accumulate_flag(skip_flag_ptr(), skip_count_ptr());
     }
   }
 
@@ -340,6 +380,10 @@ class Optimizer {
   Optimizer(B& backend, Options opts, Algorithm default_algorithm, detail::Family family, Mesh<Comm> mesh = {})
       : backend_(&backend), defaults_(std::move(opts)), default_algorithm_(default_algorithm), family_(family),
         mesh_(mesh) {
+    skipbuf_ = backend_->alloc_bytes(64);
+    const std::int64_t zeros[2] = {0, 0};
+    backend_->copy_from_host(zeros, skipbuf_.data(), sizeof(zeros));
+    backend_->synchronize();
     for (Comm* c : std::initializer_list<Comm*>{mesh_.replicate, mesh_.outer_shard, mesh_.inner_shard})
       if (c && std::find(mesh_comms_.begin(), mesh_comms_.end(), c) == mesh_comms_.end()) mesh_comms_.push_back(c);
     // the Muon family's one 1-D mesh; Dion: replicate for unsharded matrices (shard_comm_: outer)
@@ -458,11 +502,11 @@ class Optimizer {
       }
     }
   }
-  /// Before anything changes in step(): all ranks agree on which parameters have a gradient and on
-  /// whether any gradient is non-finite. Returns false when the step is skipped (on every rank).
-  bool step_prologue() {
+  /// Before anything changes in step(): all ranks agree on which parameters have a gradient and,
+  /// under NonFinitePolicy::raise, on whether any gradient is non-finite (then every rank throws).
+  void step_prologue() {
     bool local_bad = false;
-    if (defaults_.non_finite != NonFinitePolicy::propagate) local_bad = !check_finite_local();
+    if (defaults_.non_finite == NonFinitePolicy::raise) local_bad = !check_finite_local();
     for (auto& p : params_) p.live = p.grad.data != nullptr;
     if constexpr (Comm::distributed) {
       if (!mesh_comms_.empty()) {
@@ -492,8 +536,32 @@ class Optimizer {
         local_bad = v[2 * n] != 0;
       }
     }
-    if (local_bad && defaults_.non_finite == NonFinitePolicy::raise) throw NonFinite(first_nonfinite_message_);
-    return !local_bad;
+    if (local_bad) throw NonFinite(first_nonfinite_message_);
+  }
+  /// NonFinitePolicy::skip_step: the flag ← any gradient non-finite (on any rank), computed and
+  /// agreed in backend memory; the backend then predicates the step's writes on it.
+  void raise_skip_flag() {
+    int* flag = skip_flag_ptr();
+    static constexpr int zero = 0;
+    backend_->copy_from_host(&zero, flag, sizeof(int));
+    for (const auto& p : params_) {
+      if (!p.grad.data) continue;
+      dispatch_dtype(p.grad.dtype, [&]<class T>() { backend_->nonfinite_flag(p.grad.template mat<T>(), flag); });
+    }
+    if constexpr (Comm::distributed)
+      for (Comm* c : mesh_comms_) c->all_reduce(flag, 1, ReduceOp::max);
+    backend_->set_skip(flag);
+  }
+  // The skip flag (int) and the skipped-step counter (int64) in backend memory.
+  int* skip_flag_ptr() const { return static_cast<int*>(const_cast<void*>(skipbuf_.data())); }
+  std::int64_t* skip_count_ptr() const {
+    return reinterpret_cast<std::int64_t*>(static_cast<char*>(const_cast<void*>(skipbuf_.data())) + 8);
+  }
+  std::int64_t read_skip_count() const {
+    std::int64_t n = 0;
+    backend_->copy_to_host(skip_count_ptr(), &n, sizeof(n));
+    backend_->synchronize();
+    return n;
   }
 
   // ============================================================ registration
@@ -924,8 +992,9 @@ class Optimizer {
       for (int g = 0; g < num_groups(); ++g) write_group_step(g);  // the counters moved: rewrite them
     }
   }
-  // Dion's AdamW groups read their group's step for bias correction (SPEC §1.8). The counter lives in
-  // backend memory and is advanced there, so a captured CUDA graph advances it on every replay.
+  // Dion's groups count their steps in backend memory (fp32: exact to 2^24 steps): AdamW groups read
+  // it for bias correction (SPEC §1.8), Dion groups key the sketch randomness with it. It is advanced
+  // there, so a captured CUDA graph advances it on every replay and a skipped step leaves it.
   // Layout of group_steps_: [one, step_0, step_1, ...] (the constant 1 is the increment).
   float* group_step_ptr(int g) { return static_cast<float*>(group_steps_.data()) + 1 + g; }
   void write_group_step(int g) {
@@ -938,11 +1007,11 @@ class Optimizer {
   void advance_group_steps() {
     const auto n = static_cast<std::int64_t>(groups_.size());
     auto* base = static_cast<float*>(group_steps_.data());
-    // steps (1 × n) += one broadcast: one add per group counter
-    for (std::int64_t g = 0; g < n; ++g) {
-      if (groups_[static_cast<std::size_t>(g)].algorithm != Algorithm::adamw) continue;
+    // every group's counter += 1 (predicated: a skipped step leaves them), merged into one launch
+    detail::BatchScope batch(*backend_);
+    for (std::int64_t g = 0; g < n; ++g)
       backend_->add_into(Mat<float, Space>{base + 1 + g, 1, 1, 1, 1, 1}, Mat<float, Space>{base, 1, 1, 1, 1, 1});
-    }
+    batch.finish();
   }
 
   /// NaN/Inf screening of every gradient (one flag per parameter), before anything is changed.
@@ -982,8 +1051,14 @@ class Optimizer {
         cx.grad_sync = family_ == detail::Family::dion && defaults_.replicate_mesh_grad_sync;
       }
     }
-    if (ch.algorithm == Algorithm::dion) detail::dion_chunk(cx);
-    else detail::muon_family_chunk<ortho_t>(cx);
+    if (ch.algorithm == Algorithm::dion) {
+      cx.step_dev = group_step_ptr(ch.group);
+      if constexpr (B::host_visible) cx.taken_step = static_cast<std::int64_t>(*cx.step_dev);
+      else cx.taken_step = g.step;
+      detail::dion_chunk(cx);
+      return;
+    }
+    detail::muon_family_chunk<ortho_t>(cx);
   }
   void run_scalar(int gi, detail::ParamRecord<B>& p) {
     auto& g = groups_[static_cast<std::size_t>(gi)];
@@ -1009,12 +1084,11 @@ class Optimizer {
   typename B::RawBuffer scalars_;
   typename B::RawBuffer flags_;
   typename B::RawBuffer group_steps_;
+  typename B::RawBuffer skipbuf_;
   std::vector<float> host_scalars_;
   std::vector<int> host_flags_;
   std::vector<int> host_presence_;
   std::vector<std::uint64_t> host_streams_;
-  std::int64_t skipped_steps_ = 0;
-  bool last_skipped_ = false;
 
   std::vector<float> read_view(const View<Space>& v) {
     DION_CHECK(v.contiguous(), InvalidArgument, "read_state: only packed tensors can be read");

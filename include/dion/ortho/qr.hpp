@@ -39,6 +39,9 @@ inline std::int64_t qr_scratch_floats(std::int64_t n, std::int64_t p, std::int64
 struct SketchKey {
   std::uint64_t seed = 0;
   const std::uint64_t* streams = nullptr;  ///< host array, one per matrix of the batch
+  /// Optional step counter in backend memory mixed into every stream (mix64(stream, *step)), so the
+  /// sketch follows the steps actually taken, also in a replayed CUDA graph.
+  const float* step = nullptr;
 };
 
 /// Orthonormalize the columns of each P_b in place.
@@ -90,7 +93,7 @@ void orthonormalize(Backend& be, QrMethod method, bool use_cqr, double oversampl
   }
   // Randomized Cholesky-QR: R1 = R(QR(S·P)), Q1 = P·R1⁻¹, R2 = chol(Q1ᵀQ1), Q = Q1·R2⁻¹.
   const float stddev = 1.0f / std::sqrt(static_cast<float>(k));
-  for (std::int64_t b = 0; b < n; ++b) be.randn(S.at(b), key.seed, key.streams[b], 0, 0, p, stddev);
+  for (std::int64_t b = 0; b < n; ++b) be.randn(S.at(b), key.seed, key.streams[b], 0, 0, p, stddev, key.step);
   be.gemm(Op::N, Op::N, 1.0f, S, Pf, 0.0f, SP);
   be.qr_r(SP, R1);
   be.trsm_right_upper(Pf, R1);

@@ -45,7 +45,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <array>
 #include <deque>
+#include <memory>
+#include <new>
 #include <limits>
 #include <type_traits>
 
@@ -137,6 +140,9 @@ class CudaBackend {
       }
       scratch_ = RawBuffer(std::max<std::size_t>(opts_.scratch_bytes, 4096), stream_);
       ++allocations_;
+      gemm_ptrs_ = RawBuffer(kGemmPtrBytes, stream_);
+      ++allocations_;
+      pend_ = std::make_unique<std::array<Pending, kMaxKinds>>();
     } catch (...) {
       release();
       throw;
@@ -161,12 +167,14 @@ class CudaBackend {
   }
   /// Device → host, enqueued on the stream; the caller synchronizes before reading `dst`.
   void copy_to_host(const void* src, void* dst, std::size_t bytes) {
+    const NoDefer nd{*this};
     if (bytes) DION_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
   }
   /// Host → device. `src` may be reused as soon as the call returns. Small copies (up to 64 KiB) travel
   /// as kernel parameters: no synchronization. Larger ones synchronize the stream (registration and
   /// checkpoint paths only). Under stream capture: a host node re-reads `src` at every replay.
   void copy_from_host(const void* src, void* dst, std::size_t bytes) {
+    const NoDefer nd{*this};
     if (!bytes) return;
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
     DION_CUDA_CHECK(cudaStreamIsCapturing(stream_, &cs));
@@ -197,7 +205,53 @@ class CudaBackend {
     DION_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
     DION_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
-  void synchronize() { DION_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void synchronize() {
+    const NoDefer nd{*this};
+    DION_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  // ---------------------------------------------------------------- step predicate
+  /// While `flag` is set and *flag != 0, every kernel that writes a parameter or optimizer state
+  /// (all element-wise ops, NorMuon/NorDion2 variance rows, AdamW's counter) returns at once; GEMMs
+  /// and factorizations still run (vendor calls cannot be predicated) and write only their outputs,
+  /// which the algorithms keep in scratch, except Dion's error feedback, whose operands are zeroed
+  /// by zero_if_skip first. The optimizer sets it for a step under NonFinitePolicy::skip_step: the
+  /// skip is decided on the device, so step() needs no host synchronization and can be captured.
+  void set_skip(const int* flag) {
+    const NoDefer nd{*this};
+    skip_ = flag;
+  }
+  /// x ← 0 when the predicate is set and raised.
+  template <class T>
+  void zero_if_skip(Mat<T, Space> x) {
+    const NoDefer nd{*this};
+    if (!skip_) return;
+    launch_ew(cuda_kernels::merge_rows(dims(x), row_contig(x)), cuda_kernels::ZeroIfSkipF<T>{cuda_kernels::mref(x), skip_},
+              "zero_if_skip", nullptr, false);
+  }
+  /// *counter += *flag, on the stream (never predicated).
+  void accumulate_flag(const int* flag, std::int64_t* counter) {
+    const NoDefer nd{*this};
+    cuda_kernels::accumulate_flag<><<<1, 32, 0, stream_>>>(flag, counter);
+    DION_CUDA_CHECK_LAUNCH("accumulate_flag");
+  }
+
+  // ---------------------------------------------------------------- batching (multi-tensor launches)
+  /// Between begin_batch() and end_batch(), element-wise ops of one kind on separate matrices (copy,
+  /// fill, momentum, apply_update, add_into, Dion2's gather/decay/scatter, Lion, Dion's zero flags)
+  /// are collected and launched together, up to ~30 per kernel (their arguments travel by value in
+  /// one parameter block), and single-matrix GEMMs of one signature become one cublasGemmBatchedEx.
+  /// Kinds are launched in the order they first appeared (see detail::BatchScope for the contract);
+  /// any other op first launches everything pending. Nothing is allocated or synchronized.
+  void begin_batch() { ++batch_depth_; }
+  void end_batch() {
+    if (batch_depth_ > 0 && --batch_depth_ == 0) flush_pending();
+  }
+  /// Leave the batch without launching what is pending (error paths).
+  void abandon_batch() noexcept {
+    npend_ = 0;
+    batch_depth_ = 0;
+  }
 
   /// Size the scratch so that every op on `batch` matrices of at most rows×cols runs in one batched
   /// launch without allocating; with rank > 0 also Dion's factorizations (P of max(rows, cols)×rank,
@@ -234,6 +288,7 @@ class CudaBackend {
   }
   /// Grow the device scratch to at least `bytes` (synchronizes the stream; never call it under capture).
   void reserve_scratch(std::size_t bytes) {
+    const NoDefer nd{*this};
     if (bytes <= scratch_.bytes()) return;
     DION_CUDA_CHECK(cudaStreamSynchronize(stream_));  // work in flight may still read the old scratch
     scratch_ = RawBuffer();
@@ -248,7 +303,7 @@ class CudaBackend {
     if constexpr (std::is_same_v<TS, TD>) {
       // same type, both packed: the copy engine path runs near HBM bandwidth (the element-wise
       // kernel's 2-byte accesses reach about half of it on bf16)
-      if (!dst.empty() && packed_layout(src) && packed_layout(dst)) {
+      if (!dst.empty() && packed_layout(src) && packed_layout(dst) && skip_ == nullptr && !deferring()) {
         if (src.data != dst.data)
           DION_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data,
                                           static_cast<std::size_t>(dst.batch * dst.rows * dst.cols) * sizeof(TD),
@@ -256,13 +311,13 @@ class CudaBackend {
         return;
       }
     }
-    ew(cuda_kernels::merge_rows(dims(dst), row_contig(src, dst)),
-       cuda_kernels::CopyF<TS, TD>{cuda_kernels::cmref(src), cuda_kernels::mref(dst)}, "copy");
+    ew_b(cuda_kernels::merge_rows(dims(dst), row_contig(src, dst)),
+         cuda_kernels::CopyF<TS, TD>{cuda_kernels::cmref(src), cuda_kernels::mref(dst)}, "copy");
   }
   template <class T>
   void fill(Mat<T, Space> x, float v) {
-    ew(cuda_kernels::merge_rows(dims(x), row_contig(x)),
-       cuda_kernels::FillF<T>{cuda_kernels::mref(x), to_elem<T>(v)}, "fill");
+    ew_b(cuda_kernels::merge_rows(dims(x), row_contig(x)),
+         cuda_kernels::FillF<T>{cuda_kernels::mref(x), to_elem<T>(v)}, "fill");
   }
 
   // ---------------------------------------------------------------- products
@@ -273,11 +328,14 @@ class CudaBackend {
     static_assert(std::is_same_v<TA, TB>, "CudaBackend::gemm: A and B must have the same element type");
     static_assert(!(std::is_same_v<TA, float> && std::is_same_v<TC, bf16>),
                   "CudaBackend::gemm: fp32 inputs with a bf16 output are not supported by cuBLAS");
+    if (deferring() && A.batch == 1 && B.batch == 1 && C.batch == 1 && defer_gemm(ta, tb, alpha, A, B, beta, C)) return;
+    const NoDefer nd{*this};
     gemm_impl(ta, tb, alpha, A, B, beta, C, opts_.allow_tf32);
   }
   /// A = X·Xᵀ (t = N) or Xᵀ·X (t = T) per matrix.
   template <class T>
   void gram(Op t, Mat<T, Space> X, Mat<T, Space> A) {
+    const NoDefer nd{*this};
     const auto s = t == Op::N ? X.rows : X.cols;
     DION_CHECK(A.rows == s && A.cols == s && A.batch == X.batch, ShapeMismatch, "gram: output ", A.rows, "x",
                A.cols, " for ", s, "x", s);
@@ -288,6 +346,7 @@ class CudaBackend {
   /// B = b·A + c·A·A: B ← A, then one GEMM with beta = b (one rounding, like the Eigen backend).
   template <class T>
   void sym_poly(Mat<T, Space> A, float b, float c, Mat<T, Space> Bm) {
+    const NoDefer nd{*this};
     check_same(A, Bm, "sym_poly");
     DION_CHECK(A.rows == A.cols, ShapeMismatch, "sym_poly: A is ", A.rows, "x", A.cols, ", not square");
     copy(A, Bm);
@@ -301,6 +360,7 @@ class CudaBackend {
   /// Frobenius norm of each matrix into out[b] (device memory); NaN where the matrix holds NaN/Inf.
   template <class T>
   void frob_norms(Mat<T, Space> X, float* out) {
+    const NoDefer nd{*this};
     if (X.batch <= 0) return;
     const auto d0 = cuda_kernels::merge_rows(dims(X), row_contig(X));
     const int bpm = d0.empty() ? 1 : cuda_kernels::blocks_per_matrix(d0);
@@ -322,12 +382,14 @@ class CudaBackend {
   /// X_b ← X_b / (mult·norm_b + eps), norms in device memory.
   template <class T>
   void scale_by_norm(Mat<T, Space> X, const float* norms, float mult, float eps) {
+    const NoDefer nd{*this};
     ew(cuda_kernels::merge_rows(dims(X), row_contig(X)),
        cuda_kernels::ScaleByNormF<T>{cuda_kernels::mref(X), norms, mult, eps}, "scale_by_norm");
   }
   /// *flag ← 1 if any element of X is NaN or Inf (not cleared first).
   template <class T>
   void nonfinite_flag(Mat<T, Space> X, int* flag) {
+    const NoDefer nd{*this};
     ew(cuda_kernels::merge_rows(dims(X), row_contig(X)), cuda_kernels::NonfiniteF<T>{cuda_kernels::cmref(X), flag},
        "nonfinite_flag");
   }
@@ -337,7 +399,7 @@ class CudaBackend {
   void muon_momentum(Mat<TG, Space> G, Mat<TM, Space> M, Mat<TU, Space> U, float mu, bool nesterov) {
     check_same(G, M, "muon_momentum");
     check_same(M, U, "muon_momentum");
-    ew_v(cuda_kernels::merge_rows(dims(M), row_contig(G, M, U)),
+    ew_vb(cuda_kernels::merge_rows(dims(M), row_contig(G, M, U)),
        cuda_kernels::MuonMomentumF<TG, TM, TU>{cuda_kernels::cmref(G), cuda_kernels::mref(M), cuda_kernels::mref(U), mu,
                                               nesterov},
        "muon_momentum");
@@ -346,13 +408,14 @@ class CudaBackend {
   void apply_update(Mat<TX, Space> X, Mat<TO, Space> O, const float* lr, const float* wd, float lr_scale,
                     bool cautious) {
     check_same(X, O, "apply_update");
-    ew_v(cuda_kernels::merge_rows(dims(X), row_contig(X, O)),
+    ew_vb(cuda_kernels::merge_rows(dims(X), row_contig(X, O)),
        cuda_kernels::ApplyUpdateF<TX, TO>{cuda_kernels::mref(X), cuda_kernels::cmref(O), lr, wd, lr_scale, cautious},
        "apply_update");
   }
   template <class TX, class TO, class TV>
   void normuon_update(Mat<TX, Space> X, Mat<TO, Space> O, Mat<TV, Space> V, float beta2, float o_scale,
                       const float* lr, const float* wd, float lr_scale, bool cautious) {
+    const NoDefer nd{*this};
     check_same(X, O, "normuon_update");
     DION_CHECK(V.rows == X.rows && V.cols == 1 && V.batch == X.batch, ShapeMismatch, "normuon_update: V ", V.rows,
                "x", V.cols, " for ", X.rows, " rows");
@@ -367,7 +430,7 @@ class CudaBackend {
       const auto Vs = V.slice(b0, nb);
       const cuda_kernels::Dims d{nb, X.rows, X.cols};
       cuda_kernels::normuon_rows<TO, TV><<<warp_grid(nb * X.rows), cuda_kernels::kThreads, 0, stream_>>>(
-          cuda_kernels::cmref(Os), cuda_kernels::mref(Vs), d, o_scale, beta2, stat);
+          cuda_kernels::cmref(Os), cuda_kernels::mref(Vs), d, o_scale, beta2, stat, skip_);
       DION_CUDA_CHECK_LAUNCH("normuon_rows");
       cuda_kernels::rescale_finish<><<<grid1(nb), cuda_kernels::kThreads, 0, stream_>>>(stat, X.rows, rescale, nb);
       DION_CUDA_CHECK_LAUNCH("rescale_finish");
@@ -382,6 +445,7 @@ class CudaBackend {
   /// Per matrix: the k slices of largest L1 norm (ties: lower index), ascending, into idx[b·k + t].
   template <class TM>
   void select_topk(Mat<TM, Space> M, bool rows, std::int64_t k, std::int64_t* idx) {
+    const NoDefer nd{*this};
     const std::int64_t S = rows ? M.rows : M.cols;
     DION_CHECK(k >= 0 && k <= S, InvalidArgument, "select_topk: k = ", k, " for ", S, " slices");
     if (M.batch <= 0 || k == 0) return;
@@ -401,22 +465,23 @@ class CudaBackend {
     const cuda_kernels::Dims d{M.batch, rows ? k : M.rows, rows ? M.cols : k};
     DION_CHECK(U.batch == d.batch && U.rows == d.rows && U.cols == d.cols, ShapeMismatch, "gather_slices: U is (",
                U.batch, ", ", U.rows, ", ", U.cols, "), expected (", d.batch, ", ", d.rows, ", ", d.cols, ")");
-    ew(d, cuda_kernels::GatherSlicesF<TM, TU>{cuda_kernels::mref(M), cuda_kernels::mref(U), idx, k, rows, decay},
+    ew_b(d, cuda_kernels::GatherSlicesF<TM, TU>{cuda_kernels::mref(M), cuda_kernels::mref(U), idx, k, rows, decay},
        "gather_slices");
   }
   template <class TX, class TO>
   void dion2_update(Mat<TX, Space> X, Mat<TO, Space> O, const std::int64_t* idx, std::int64_t k, bool rows,
                     const float* lr, const float* wd, float lr_scale) {
-    ew(cuda_kernels::merge_rows(dims(X), row_contig(X)), cuda_kernels::DecayF<TX>{cuda_kernels::mref(X), lr, wd},
-       "dion2_decay");
+    ew_b(cuda_kernels::merge_rows(dims(X), row_contig(X)), cuda_kernels::DecayF<TX>{cuda_kernels::mref(X), lr, wd},
+         "dion2_decay");
     const cuda_kernels::Dims d{X.batch, rows ? k : X.rows, rows ? X.cols : k};
-    ew(d,
+    ew_b(d,
        cuda_kernels::Dion2ScatterF<TX, TO>{cuda_kernels::mref(X), cuda_kernels::cmref(O), idx, k, rows, lr, lr_scale},
        "dion2_scatter");
   }
   template <class TX, class TO, class TV>
   void nordion2_update(Mat<TX, Space> X, Mat<TO, Space> O, Mat<TV, Space> V, const std::int64_t* idx,
                        std::int64_t k, float beta2, const float* lr, const float* wd, float lr_scale) {
+    const NoDefer nd{*this};
     ew(cuda_kernels::merge_rows(dims(X), row_contig(X)), cuda_kernels::DecayF<TX>{cuda_kernels::mref(X), lr, wd},
        "nordion2_decay");
     if (X.batch <= 0 || k <= 0) return;
@@ -431,7 +496,7 @@ class CudaBackend {
                       const auto Vs = V.slice(b0, nb);
                       const std::int64_t* id = idx + b0 * k;
                       cuda_kernels::nordion2_rows<TO, TV><<<warp_grid(nb * k), cuda_kernels::kThreads, 0, stream_>>>(
-                          cuda_kernels::cmref(Os), cuda_kernels::mref(Vs), id, nb, k, X.cols, beta2, f, stat);
+                          cuda_kernels::cmref(Os), cuda_kernels::mref(Vs), id, nb, k, X.cols, beta2, f, stat, skip_);
                       DION_CUDA_CHECK_LAUNCH("nordion2_rows");
                       cuda_kernels::rescale_finish<><<<grid1(nb), cuda_kernels::kThreads, 0, stream_>>>(stat, k, rescale, nb);
                       DION_CUDA_CHECK_LAUNCH("rescale_finish");
@@ -448,7 +513,7 @@ class CudaBackend {
                    float beta1, float beta2, bool cautious) {
     check_same(X, G, "lion_update");
     check_same(X, M, "lion_update");
-    ew_v(cuda_kernels::merge_rows(dims(X), row_contig(X, G, M)),
+    ew_vb(cuda_kernels::merge_rows(dims(X), row_contig(X, G, M)),
        cuda_kernels::LionF<TX, TG, TM>{cuda_kernels::mref(X), cuda_kernels::cmref(G), cuda_kernels::mref(M), lr, wd,
                                        beta1, beta2, cautious},
        "lion_update");
@@ -458,11 +523,12 @@ class CudaBackend {
   template <class TX, class TG, class TM, class TV>
   void adamw_update(Mat<TX, Space> X, Mat<TG, Space> G, Mat<TM, Space> M, Mat<TV, Space> V, float* step,
                     bool advance_step, const float* lr, const float* wd, float beta1, float beta2, float eps, bool cautious) {
+    const NoDefer nd{*this};
     check_same(X, G, "adamw_update");
     check_same(X, M, "adamw_update");
     check_same(X, V, "adamw_update");
     auto* sc = reinterpret_cast<float*>(scratch_.data());  // 2 floats; scratch is at least 4 KiB
-    cuda_kernels::adamw_prepare<><<<1, 32, 0, stream_>>>(step, advance_step, lr, beta1, beta2, sc);
+    cuda_kernels::adamw_prepare<><<<1, 32, 0, stream_>>>(step, advance_step, lr, beta1, beta2, sc, skip_);
     DION_CUDA_CHECK_LAUNCH("adamw_prepare");
     ew_v(cuda_kernels::merge_rows(dims(X), row_contig(X, G, M, V)),
        cuda_kernels::AdamwF<TX, TG, TM, TV>{cuda_kernels::mref(X), cuda_kernels::cmref(G), cuda_kernels::mref(M),
@@ -474,20 +540,20 @@ class CudaBackend {
   template <class TM, class TG>
   void add_into(Mat<TM, Space> M, Mat<TG, Space> G) {
     check_same(M, G, "add_into");
-    ew(cuda_kernels::merge_rows(dims(M), row_contig(M, G)),
+    ew_b(cuda_kernels::merge_rows(dims(M), row_contig(M, G)),
        cuda_kernels::AddIntoF<TM, TG>{cuda_kernels::mref(M), cuda_kernels::cmref(G)}, "add_into");
   }
   /// flags[b] ← 1 if every element of M_b is zero, else 0.
   template <class TM>
   void all_zero_flags(Mat<TM, Space> M, int* flags) {
     if (M.batch <= 0) return;
-    cuda_kernels::set_flags<><<<grid1((M.batch + 255) / 256), 256, 0, stream_>>>(flags, M.batch, 1);
-    DION_CUDA_CHECK_LAUNCH("set_flags");
-    ew(cuda_kernels::merge_rows(dims(M), row_contig(M)),
-       cuda_kernels::NonzeroClearsF<TM>{cuda_kernels::cmref(M), flags}, "all_zero_flags");
+    ew_b(cuda_kernels::Dims{1, 1, M.batch}, cuda_kernels::SetFlagsF{flags, 1}, "all_zero_flags_set");
+    ew_b(cuda_kernels::merge_rows(dims(M), row_contig(M)),
+         cuda_kernels::NonzeroClearsF<TM>{cuda_kernels::cmref(M), flags}, "all_zero_flags");
   }
   template <class T>
   void dion_guard(Mat<T, Space> P, Mat<T, Space> R, Mat<T, Space> Qw, const int* flags) {
+    const NoDefer nd{*this};
     check_same(R, Qw, "dion_guard");
     DION_CHECK(P.batch == R.batch, ShapeMismatch, "dion_guard: batches ", P.batch, " and ", R.batch, " differ");
     ew(cuda_kernels::merge_rows(dims(P), row_contig(P)), cuda_kernels::GuardPF<T>{cuda_kernels::mref(P), flags},
@@ -497,6 +563,7 @@ class CudaBackend {
   }
   template <class TR, class TQ>
   void col_normalize(Mat<TR, Space> R, float eps, Mat<TQ, Space> Q) {
+    const NoDefer nd{*this};
     check_same(R, Q, "col_normalize");
     if (R.batch <= 0 || R.cols <= 0) return;
     cuda_kernels::col_normalize_k<TR, TQ><<<thread_grid(R.batch * R.cols), cuda_kernels::kThreads, 0, stream_>>>(
@@ -505,6 +572,7 @@ class CudaBackend {
   }
   template <class T>
   void copy_if_flag(const int* flags, int want, Mat<T, Space> src, Mat<T, Space> dst) {
+    const NoDefer nd{*this};
     check_same(src, dst, "copy_if_flag");
     ew(cuda_kernels::merge_rows(dims(dst), row_contig(src, dst)),
        cuda_kernels::CopyIfFlagF<T>{cuda_kernels::cmref(src), cuda_kernels::mref(dst), flags, want}, "copy_if_flag");
@@ -514,6 +582,7 @@ class CudaBackend {
   /// P (p×r) ← the thin Q factor of its Householder QR (LAPACK sign convention, as Eigen), per matrix;
   /// columns beyond min(p, r) are zero. cuSOLVER geqrf + orgqr on column-major copies.
   void qr_q(Mat<float, Space> P) {
+    const NoDefer nd{*this};
     const std::int64_t p = P.rows, r = P.cols;
     if (P.batch <= 0 || p <= 0 || r <= 0) return;
     check_int(p, "qr_q rows");
@@ -545,6 +614,7 @@ class CudaBackend {
   }
   /// R (r×r) ← the R factor of the Householder QR of A (k×r, k ≥ r), per matrix (LAPACK signs).
   void qr_r(Mat<float, Space> A, Mat<float, Space> R) {
+    const NoDefer nd{*this};
     const std::int64_t k = A.rows, r = A.cols;
     DION_CHECK(R.rows == r && R.cols == r && R.batch == A.batch, ShapeMismatch, "qr_r: R is ", R.rows, "x", R.cols,
                " for A ", k, "x", r);
@@ -583,6 +653,7 @@ class CudaBackend {
   /// cusolverDnSpotrfBatched call: the row-major upper factor is the column-major lower one. On
   /// failure A holds cuSOLVER's partial factorization (the Eigen backend leaves A unchanged).
   void cholesky_upper(Mat<float, Space> A, int* info) {
+    const NoDefer nd{*this};
     DION_CHECK(A.rows == A.cols, ShapeMismatch, "cholesky_upper: A is ", A.rows, "x", A.cols, ", not square");
     if (A.batch <= 0) return;
     const std::int64_t n = A.rows;
@@ -609,6 +680,7 @@ class CudaBackend {
   /// X ← X·U⁻¹ for upper-triangular U, per matrix: one cublasStrsmBatched call (column-major view:
   /// a left solve with the lower factor Uᵀ).
   void trsm_right_upper(Mat<float, Space> X, Mat<float, Space> U) {
+    const NoDefer nd{*this};
     DION_CHECK(U.rows == X.cols && U.cols == X.cols && U.batch == X.batch, ShapeMismatch, "trsm_right_upper: U is ",
                U.rows, "x", U.cols, " for X ", X.rows, "x", X.cols);
     if (X.batch <= 0 || X.rows <= 0 || X.cols <= 0) return;
@@ -631,6 +703,7 @@ class CudaBackend {
   }
   /// flags[b] ← 1 where max |Q_bᵀQ_b − I| > tol (or is NaN); never cleared. QᵀQ in plain fp32.
   void orthogonality_check(Mat<float, Space> Q, float tol, int* flags) {
+    const NoDefer nd{*this};
     if (Q.batch <= 0 || Q.cols <= 0) return;
     const std::int64_t r = Q.cols;
     for_sub_batches(Q.batch, static_cast<std::size_t>(4 * r * r), 0, [&](std::int64_t b0, std::int64_t nb, char* scr) {
@@ -643,11 +716,15 @@ class CudaBackend {
 
   // ---------------------------------------------------------------- random
   /// out(b, i, j) ← stddev · N(0,1) of the counter-based generator (core/random.hpp): the host's
+  /// With `stream_step` (a counter in device memory, e.g. a step count) the stream is
+  /// mix64(stream, *stream_step), so a captured graph draws new numbers at each replay.
   /// numbers up to the last bits of logf / cosf.
   template <class T>
   void randn(Mat<T, Space> out, std::uint64_t seed, std::uint64_t stream, std::int64_t row0, std::int64_t col0,
-             std::int64_t global_cols, float stddev) {
-    ew(dims(out), cuda_kernels::RandnF<T>{cuda_kernels::mref(out), seed, stream, row0, col0, global_cols, stddev},
+             std::int64_t global_cols, float stddev, const float* stream_step = nullptr) {
+    const NoDefer nd{*this};
+    ew(dims(out),
+       cuda_kernels::RandnF<T>{cuda_kernels::mref(out), seed, stream, row0, col0, global_cols, stddev, stream_step},
        "randn");
   }
 
@@ -808,19 +885,206 @@ class CudaBackend {
   /// fp32 / 8-byte bf16 accesses and all of a thread's loads in flight before its stores.
   template <class F>
   void ew_v(cuda_kernels::Dims d, const F& f, const char* what) {
-    if (!d.empty() && d.rows == 1 && d.cols % 4 == 0 && f.vec_ok()) {
-      cuda_kernels::ew_vec4_kernel<F><<<thread_grid(d.batch * (d.cols / 4)), cuda_kernels::kThreads, 0, stream_>>>(d, f);
-      DION_CUDA_CHECK_LAUNCH(what);
-      return;
-    }
-    ew(d, f, what);
+    launch_ew(d, f, what, skip_, !d.empty() && d.rows == 1 && d.cols % 4 == 0 && f.vec_ok());
   }
   template <class F>
   void ew(cuda_kernels::Dims d, const F& f, const char* what) {
+    launch_ew(d, f, what, skip_, false);
+  }
+  /// ew_v / ew of an op that may be merged with others of its kind inside a batch.
+  template <class F>
+  void ew_vb(cuda_kernels::Dims d, const F& f, const char* what) {
+    const bool vec = !d.empty() && d.rows == 1 && d.cols % 4 == 0 && f.vec_ok();
+    if (deferring()) defer_ew(d, f, vec);
+    else launch_ew(d, f, what, skip_, vec);
+  }
+  template <class F>
+  void ew_b(cuda_kernels::Dims d, const F& f, const char* what) {
+    if (deferring()) defer_ew(d, f, false);
+    else launch_ew(d, f, what, skip_, false);
+  }
+  template <class F>
+  void launch_ew(cuda_kernels::Dims d, const F& f, const char* what, const int* skip, bool vec) {
     if (d.empty()) return;
+    if (vec) {
+      if constexpr (cuda_kernels::HasVec4<F>) {
+        cuda_kernels::ew_vec4_kernel<F><<<thread_grid(d.batch * (d.cols / 4)), cuda_kernels::kThreads, 0, stream_>>>(
+            d, f, skip);
+        DION_CUDA_CHECK_LAUNCH(what);
+        return;
+      }
+    }
     cuda_kernels::ew_kernel<F><<<cuda_kernels::ew_grid(d, sms_), cuda_kernels::kThreads, 0, stream_>>>(
-        d, cuda_kernels::tiles_of(d.cols), f);
+        d, cuda_kernels::tiles_of(d.cols), f, skip);
     DION_CUDA_CHECK_LAUNCH(what);
+  }
+
+  // ---------------------------------------------------------------- batching internals
+  /// A kind of pending work: element-wise ops of one functor type (a MultiEw in `buf`) or GEMMs of
+  /// one signature (a GemmBatch in `buf`).
+  struct Pending {
+    const void* tag = nullptr;
+    void (*flush)(CudaBackend&, Pending&) = nullptr;
+    alignas(16) unsigned char buf[4096];
+  };
+  static constexpr int kMaxKinds = 8;
+  static constexpr int kMaxGemm = 160;  // 3 pointer arrays of 160 fit one inline upload (3968 bytes)
+  static constexpr std::size_t kGemmPtrBytes = 4096;
+  struct GemmBatch {
+    cublasOperation_t oa, ob;
+    int m, n, k, lda, ldb, ldc;
+    float alpha, beta;
+    cudaDataType_t ta, tc;
+    cublasComputeType_t compute;
+    int count;
+    const void* a[kMaxGemm];
+    const void* b[kMaxGemm];
+    void* c[kMaxGemm];
+    bool same_key(const GemmBatch& o) const {
+      return oa == o.oa && ob == o.ob && m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb &&
+             ldc == o.ldc && alpha == o.alpha && beta == o.beta && ta == o.ta && tc == o.tc && compute == o.compute;
+    }
+  };
+  static_assert(sizeof(GemmBatch) <= sizeof(Pending::buf));
+  template <class F>
+  static inline const char kind_tag = 0;
+  static inline const char gemm_tag = 0;
+
+  /// Any op that cannot be merged: launches what is pending first, and keeps the ops it calls
+  /// internally from being deferred behind its own launches.
+  struct NoDefer {
+    CudaBackend& b;
+    explicit NoDefer(CudaBackend& be) : b(be) {
+      if (b.npend_ > 0) b.flush_pending();
+      ++b.suspend_;
+    }
+    ~NoDefer() { --b.suspend_; }
+    NoDefer(const NoDefer&) = delete;
+    NoDefer& operator=(const NoDefer&) = delete;
+  };
+  bool deferring() const noexcept { return batch_depth_ > 0 && suspend_ == 0; }
+
+  Pending& new_kind(const void* tag, void (*flush)(CudaBackend&, Pending&)) {
+    if (npend_ == kMaxKinds) flush_pending();
+    Pending& p = (*pend_)[static_cast<std::size_t>(npend_++)];
+    p.tag = tag;
+    p.flush = flush;
+    return p;
+  }
+  void flush_pending() {
+    const int n = npend_;
+    npend_ = 0;  // a failing launch leaves nothing half-pending
+    for (int i = 0; i < n; ++i) {
+      Pending& p = (*pend_)[static_cast<std::size_t>(i)];
+      p.flush(*this, p);
+    }
+  }
+  template <class F>
+  void defer_ew(cuda_kernels::Dims d, const F& f, bool vec) {
+    static_assert(std::is_trivially_copyable_v<F>, "multi-tensor functors travel by value");
+    constexpr int K = cuda_kernels::multi_capacity<F>();
+    using ME = cuda_kernels::MultiEw<F, K>;
+    static_assert(sizeof(ME) <= sizeof(Pending::buf), "MultiEw does not fit the pending buffer");
+    if (d.empty()) return;
+    Pending* p = nullptr;
+    for (int i = 0; i < npend_; ++i)
+      if ((*pend_)[static_cast<std::size_t>(i)].tag == &kind_tag<F>) p = &(*pend_)[static_cast<std::size_t>(i)];
+    if (!p) {
+      p = &new_kind(&kind_tag<F>, &CudaBackend::flush_ew<F>);
+      auto* me = new (p->buf) ME;
+      me->n = 0;
+      me->first[0] = 0;
+    }
+    auto& me = *std::launder(reinterpret_cast<ME*>(p->buf));
+    const int t = me.n;
+    me.f[t] = f;
+    me.d[t] = d;
+    std::int64_t blocks;
+    if (vec) {
+      me.ntiles[t] = 0;
+      blocks = thread_grid(d.batch * (d.cols / 4));
+    } else {
+      me.ntiles[t] = cuda_kernels::tiles_of(d.cols);
+      blocks = cuda_kernels::ew_grid(d, sms_);
+    }
+    me.first[t + 1] = me.first[t] + blocks;
+    me.n = t + 1;
+    if (me.n == K) flush_pending();
+  }
+  template <class F>
+  static void flush_ew(CudaBackend& be, Pending& p) {
+    constexpr int K = cuda_kernels::multi_capacity<F>();
+    using ME = cuda_kernels::MultiEw<F, K>;
+    const auto& me = *std::launder(reinterpret_cast<const ME*>(p.buf));
+    if (me.n == 0) return;
+    cuda_kernels::ew_multi_kernel<F, K><<<grid1(me.first[me.n]), cuda_kernels::kThreads, 0, be.stream_>>>(me, be.skip_);
+    DION_CUDA_CHECK_LAUNCH("multi-tensor element-wise");
+  }
+  /// Queue C = alpha·op(A)·op(B) + beta·C (single matrices) with others of the same signature; false
+  /// when it must run now (empty, k = 0, an aliased output: gemm_impl handles and reports those).
+  template <class TA, class TB, class TC>
+  bool defer_gemm(Op ta, Op tb, float alpha, Mat<TA, Space> A, Mat<TB, Space> B, float beta, Mat<TC, Space> C) {
+    const auto m = ta == Op::N ? A.rows : A.cols, k = ta == Op::N ? A.cols : A.rows;
+    const auto k2 = tb == Op::N ? B.rows : B.cols, n = tb == Op::N ? B.cols : B.rows;
+    if (k != k2 || C.rows != m || C.cols != n || C.empty() || k == 0) return false;
+    if (static_cast<const void*>(C.data) == static_cast<const void*>(A.data) ||
+        static_cast<const void*>(C.data) == static_cast<const void*>(B.data))
+      return false;
+    const auto lim = static_cast<std::int64_t>(std::numeric_limits<int>::max());
+    if (m > lim || n > lim || k > lim || A.ld > lim || B.ld > lim || C.ld > lim) return false;
+    GemmBatch key;
+    // row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ (see gemm_impl)
+    key.oa = ta == Op::N ? CUBLAS_OP_N : CUBLAS_OP_T;
+    key.ob = tb == Op::N ? CUBLAS_OP_N : CUBLAS_OP_T;
+    key.m = static_cast<int>(m);
+    key.n = static_cast<int>(n);
+    key.k = static_cast<int>(k);
+    key.lda = static_cast<int>(A.ld);
+    key.ldb = static_cast<int>(B.ld);
+    key.ldc = static_cast<int>(C.ld);
+    key.alpha = alpha;
+    key.beta = beta;
+    key.ta = cuda_type<TA>();
+    key.tc = cuda_type<TC>();
+    key.compute = std::is_same_v<TA, float> && opts_.allow_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    GemmBatch* g = nullptr;
+    for (int i = 0; i < npend_ && !g; ++i) {
+      Pending& p = (*pend_)[static_cast<std::size_t>(i)];
+      if (p.tag != &gemm_tag) continue;
+      auto* cand = std::launder(reinterpret_cast<GemmBatch*>(p.buf));
+      if (cand->same_key(key)) g = cand;
+    }
+    if (!g) {
+      Pending& p = new_kind(&gemm_tag, &CudaBackend::flush_gemm);
+      g = new (p.buf) GemmBatch;
+      *g = key;
+      g->count = 0;
+    }
+    g->a[g->count] = A.data;
+    g->b[g->count] = B.data;
+    g->c[g->count] = C.data;
+    if (++g->count == kMaxGemm) flush_pending();
+    return true;
+  }
+  static void flush_gemm(CudaBackend& be, Pending& p) {
+    const auto& g = *std::launder(reinterpret_cast<const GemmBatch*>(p.buf));
+    const int n = g.count;
+    if (n == 0) return;
+    // the three pointer arrays travel as one kernel parameter (never predicated: stale pointers
+    // would aim the GEMM at other matrices); stream order protects the region between calls
+    cuda_kernels::InlineBytes ib;
+    const std::size_t w = static_cast<std::size_t>(n) * sizeof(void*);
+    std::memcpy(ib.b, g.a, w);
+    std::memcpy(ib.b + w, g.b, w);
+    std::memcpy(ib.b + 2 * w, g.c, w);
+    auto* dev = static_cast<unsigned char*>(be.gemm_ptrs_.data());
+    cuda_kernels::write_inline_bytes<><<<1, 256, 0, be.stream_>>>(dev, ib, static_cast<unsigned>(3 * w));
+    DION_CUDA_CHECK_LAUNCH("write_inline_bytes (gemm pointers)");
+    auto* const* pa = reinterpret_cast<const void* const*>(dev);
+    auto* const* pb = reinterpret_cast<const void* const*>(dev + w);
+    auto* const* pc = reinterpret_cast<void* const*>(dev + 2 * w);
+    DION_CUBLAS_CHECK(cublasGemmBatchedEx(be.cublas(), g.ob, g.oa, g.n, g.m, g.k, &g.alpha, pb, g.ta, g.ldb, pa, g.ta,
+                                          g.lda, &g.beta, pc, g.tc, g.ldc, n, g.compute, CUBLAS_GEMM_DEFAULT));
   }
   template <class T>
   void fill_ptrs(T** out, T* base, std::int64_t stride, std::int64_t n) {
@@ -927,10 +1191,17 @@ class CudaBackend {
     staging_ = nullptr;
     scratch_ = RawBuffer();
     cublas_ws_ = RawBuffer();
+    gemm_ptrs_ = RawBuffer();
   }
 
   cudaStream_t stream_ = nullptr;
   CudaBackendOptions opts_;
+  const int* skip_ = nullptr;
+  int batch_depth_ = 0;
+  int suspend_ = 0;
+  int npend_ = 0;
+  std::unique_ptr<std::array<Pending, kMaxKinds>> pend_;
+  RawBuffer gemm_ptrs_;
   cublasHandle_t cublas_ = nullptr;
   cusolverDnHandle_t cusolver_ = nullptr;
   bool own_cublas_ = true;

@@ -67,7 +67,7 @@ class HostRawBuffer {
 };
 }  // namespace detail
 
-/// CPU backend over Eigen. Stateless apart from a scratch area; cheap to construct.
+/// CPU backend over Eigen. Holds only the step predicate (set_skip); cheap to construct.
 class EigenBackend {
  public:
   using Space = HostSpace;
@@ -82,13 +82,33 @@ class EigenBackend {
   /// True when device flags can be read on the host cheaply (no stream to drain).
   static constexpr bool host_visible = true;
 
+  // ---------------------------------------------------------------- step predicate
+  /// While a predicate is set and *flag != 0, the element-wise operations (every op that writes a
+  /// parameter or optimizer state: copy, fill, momentum, updates, add_into, guard, random fills)
+  /// do nothing. Products, reductions and factorizations still run (as on the CUDA backend, where
+  /// vendor-library calls cannot be predicated); their outputs are scratch. This is how a step
+  /// skipped for a non-finite gradient is decided in backend memory without a host round trip.
+  void set_skip(const int* flag) { skip_ = flag; }
+  /// x ← 0 if the predicate is set and raised (the operands of a product that accumulates into
+  /// state, so that the product adds exact zeros on a skipped step).
+  template <class T>
+  void zero_if_skip(Mat<T> x) {
+    if (!skipped()) return;
+    const T z = detail::st_f<T>(0.0f);
+    for_each1(x, [&](T& e) { e = z; });
+  }
+  /// *counter += *flag (never predicated).
+  void accumulate_flag(const int* flag, std::int64_t* counter) { *counter += *flag; }
+
   template <class TS, class TD>
   void copy(Mat<TS> src, Mat<TD> dst) {
+    if (skipped()) return;
     check_same(src, dst, "copy");
     for_each2(src, dst, [](const TS& s, TD& d) { d = detail::st_f<TD>(detail::ld_f(s)); });
   }
   template <class T>
   void fill(Mat<T> x, float v) {
+    if (skipped()) return;
     const T tv = detail::st_f<T>(v);
     for_each1(x, [&](T& e) { e = tv; });
   }
@@ -170,6 +190,7 @@ class EigenBackend {
   /// X_b ← X_b / (mult·norm_b + eps), rounded to T.
   template <class T>
   void scale_by_norm(Mat<T> X, const float* norms, float mult, float eps) {
+    if (skipped()) return;
     for (std::int64_t b = 0; b < X.batch; ++b) {
       const float d = mult * norms[b] + eps;
       for_each1(X.at(b), [&](T& e) { e = detail::st_f<T>(detail::ld_f(e) / d); });
@@ -187,6 +208,7 @@ class EigenBackend {
   /// M ← mu·M + G;  U ← (nesterov ? mu·M + G : M), rounded to TU.
   template <class TG, class TM, class TU>
   void muon_momentum(Mat<TG> G, Mat<TM> M, Mat<TU> U, float mu, bool nesterov) {
+    if (skipped()) return;
     check_same(G, M, "muon_momentum");
     check_same(M, U, "muon_momentum");
     for (std::int64_t b = 0; b < M.batch; ++b)
@@ -202,6 +224,7 @@ class EigenBackend {
   /// mask = 1 unless cautious, then [X⊙O ≥ 0].
   template <class TX, class TO>
   void apply_update(Mat<TX> X, Mat<TO> O, const float* lr, const float* wd, float lr_scale, bool cautious) {
+    if (skipped()) return;
     check_same(X, O, "apply_update");
     const float l = *lr, w = *wd, step = l * lr_scale;
     for_each2(O, X, [&](const TO& o_, TX& x_) {
@@ -215,6 +238,7 @@ class EigenBackend {
   template <class TX, class TO, class TV>
   void normuon_update(Mat<TX> X, Mat<TO> O, Mat<TV> V, float beta2, float o_scale, const float* lr, const float* wd,
                       float lr_scale, bool cautious) {
+    if (skipped()) return;
     check_same(X, O, "normuon_update");
     DION_CHECK(V.rows == X.rows && V.cols == 1 && V.batch == X.batch, ShapeMismatch, "normuon_update: V ", V.rows,
                "x", V.cols, " for ", X.rows, " rows");
@@ -279,6 +303,7 @@ class EigenBackend {
   /// U_b ← the selected slices of M_b (k×cols if rows, rows×k otherwise), then M[sel] ← decay·M[sel].
   template <class TM, class TU>
   void gather_slices(Mat<TM> M, const std::int64_t* idx, std::int64_t k, bool rows, float decay, Mat<TU> U) {
+    if (skipped()) return;
     for (std::int64_t b = 0; b < M.batch; ++b)
       for (std::int64_t t = 0; t < k; ++t) {
         const std::int64_t s = idx[b * k + t];
@@ -296,6 +321,7 @@ class EigenBackend {
   template <class TX, class TO>
   void dion2_update(Mat<TX> X, Mat<TO> O, const std::int64_t* idx, std::int64_t k, bool rows, const float* lr,
                     const float* wd, float lr_scale) {
+    if (skipped()) return;
     const float l = *lr, w = *wd, a = 1.0f - l * w, step = l * lr_scale;
     for_each1(X, [&](TX& x) { x = detail::st_f<TX>(a * detail::ld_f(x)); });
     for (std::int64_t b = 0; b < X.batch; ++b)
@@ -314,6 +340,7 @@ class EigenBackend {
   template <class TX, class TO, class TV>
   void nordion2_update(Mat<TX> X, Mat<TO> O, Mat<TV> V, const std::int64_t* idx, std::int64_t k, float beta2,
                        const float* lr, const float* wd, float lr_scale) {
+    if (skipped()) return;
     const float l = *lr, w = *wd, a = 1.0f - l * w, step = l * lr_scale;
     for_each1(X, [&](TX& x) { x = detail::st_f<TX>(a * detail::ld_f(x)); });
     std::vector<float> f(static_cast<std::size_t>(k));
@@ -353,6 +380,7 @@ class EigenBackend {
   template <class TX, class TG, class TM>
   void lion_update(Mat<TX> X, Mat<TG> G, Mat<TM> M, const float* lr, const float* wd, float beta1, float beta2,
                    bool cautious) {
+    if (skipped()) return;
     check_same(X, G, "lion_update");
     check_same(X, M, "lion_update");
     const float l = *lr, w = *wd;
@@ -374,6 +402,7 @@ class EigenBackend {
   template <class TX, class TG, class TM, class TV>
   void adamw_update(Mat<TX> X, Mat<TG> G, Mat<TM> M, Mat<TV> V, float* step, bool advance_step, const float* lr,
                     const float* wd, float beta1, float beta2, float eps, bool cautious) {
+    if (skipped()) return;
     check_same(X, G, "adamw_update");
     check_same(X, M, "adamw_update");
     check_same(X, V, "adamw_update");
@@ -404,6 +433,7 @@ class EigenBackend {
   /// M ← M + G (G rounded to M's type first).
   template <class TM, class TG>
   void add_into(Mat<TM> M, Mat<TG> G) {
+    if (skipped()) return;
     check_same(M, G, "add_into");
     for_each2(G, M, [](const TG& g, TM& m) {
       m = detail::st_f<TM>(detail::ld_f(m) + detail::ld_f(detail::st_f<TM>(detail::ld_f(g))));
@@ -421,6 +451,7 @@ class EigenBackend {
   /// Dion's guard: all-zero matrix → P ← 0, R ← Qw; otherwise non-finite entries of P and R → 0.
   template <class T>
   void dion_guard(Mat<T> P, Mat<T> R, Mat<T> Qw, const int* flags) {
+    if (skipped()) return;
     for (std::int64_t b = 0; b < P.batch; ++b) {
       if (flags[b]) {
         fill(P.at(b), 0.0f);
@@ -452,6 +483,7 @@ class EigenBackend {
   /// dst_b ← src_b for every matrix b with flags[b] == want.
   template <class T>
   void copy_if_flag(const int* flags, int want, Mat<T> src, Mat<T> dst) {
+    if (skipped()) return;
     for (std::int64_t b = 0; b < dst.batch; ++b)
       if (flags[b] == want) copy(src.at(b), dst.at(b));
   }
@@ -518,7 +550,9 @@ class EigenBackend {
   /// (seed, stream + b); the same numbers on every backend and sharding.
   template <class T>
   void randn(Mat<T> out, std::uint64_t seed, std::uint64_t stream, std::int64_t row0, std::int64_t col0,
-             std::int64_t global_cols, float stddev) {
+             std::int64_t global_cols, float stddev, const float* stream_step = nullptr) {
+    if (skipped()) return;
+    if (stream_step) stream = detail::mix64(stream, static_cast<std::uint64_t>(*stream_step));
     for (std::int64_t b = 0; b < out.batch; ++b)
       for (std::int64_t i = 0; i < out.rows; ++i)
         for (std::int64_t j = 0; j < out.cols; ++j) {
@@ -529,6 +563,9 @@ class EigenBackend {
   }
 
  private:
+  const int* skip_ = nullptr;
+  bool skipped() const { return skip_ != nullptr && *skip_ != 0; }
+
   template <class T>
   static detail::RowMatF load(Mat<T> m) {
     detail::RowMatF r(m.rows, m.cols);

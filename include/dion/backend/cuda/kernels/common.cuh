@@ -90,13 +90,18 @@ __device__ inline double block_sum(double v) {
 }
 
 // ------------------------------------------------------------------ launch drivers
+/// The step predicate (CudaBackend::set_skip): kernels that write parameters or optimizer state
+/// return at once when it is set and raised.
+__device__ __forceinline__ bool skipped(const int* skip) { return skip != nullptr && *skip != 0; }
+
 inline constexpr int kThreads = 256;
 inline constexpr int kTileCols = kThreads * 4;  // columns one block visits per work unit
 
 /// Element-wise driver: work units are (matrix row, tile of kTileCols columns); each thread calls
 /// f(b, i, j) for its elements. One 64-bit division per unit, none per element.
 template <class F>
-__global__ void __launch_bounds__(kThreads) ew_kernel(Dims d, i64 ntiles, F f) {
+__global__ void __launch_bounds__(kThreads) ew_kernel(Dims d, i64 ntiles, F f, const int* skip) {
+  if (skipped(skip)) return;
   const i64 units = d.batch * d.rows * ntiles;
   for (i64 u = blockIdx.x; u < units; u += gridDim.x) {
     const i64 R = u / ntiles, t = u - R * ntiles;

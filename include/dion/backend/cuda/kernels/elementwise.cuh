@@ -50,7 +50,8 @@ inline bool vec4_ok(const MRef<T>& m) {
 /// 4-wide element-wise driver over merged rows (d.rows == 1, d.cols % 4 == 0): thread u handles
 /// elements 4u .. 4u+3 of the flattened batch through f.vec4(b, j).
 template <class F>
-__global__ void __launch_bounds__(kThreads) ew_vec4_kernel(Dims d, F f) {
+__global__ void __launch_bounds__(kThreads) ew_vec4_kernel(Dims d, F f, const int* skip) {
+  if (skipped(skip)) return;
   const i64 per = d.cols >> 2, n = d.batch * per;
   for (i64 u = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; u < n;
        u += static_cast<i64>(gridDim.x) * blockDim.x) {
@@ -326,8 +327,9 @@ struct AdamwF {
 
 /// t ← t + 1 if `advance` (fp32 counter in device memory); sc ← {lr / (1 − β1^t), √(1 − β2^t)} in double.
 template <int = 0>
-__global__ void adamw_prepare(float* step, bool advance, const float* lr, float beta1, float beta2, float* sc) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+__global__ void adamw_prepare(float* step, bool advance, const float* lr, float beta1, float beta2, float* sc,
+                              const int* skip) {
+  if (threadIdx.x != 0 || blockIdx.x != 0 || skipped(skip)) return;
   const float s = advance ? *step + 1.0f : *step;
   if (advance) *step = s;
   const double t = s;
@@ -388,11 +390,85 @@ struct RandnF {
   std::uint64_t seed, stream;
   i64 row0, col0, global_cols;
   float stddev;
+  const float* step;  // nullable: the stream is mix64(stream, *step) (a step counter in device memory)
   __device__ void operator()(i64 b, i64 i, i64 j) const {
     const auto index = static_cast<std::uint64_t>((i + row0) * global_cols + (j + col0));
-    out(b, i, j) = stf<T>(mul(stddev, detail::normal_at(seed, stream + static_cast<std::uint64_t>(b), index)));
+    const std::uint64_t st = step ? detail::mix64(stream, static_cast<std::uint64_t>(*step)) : stream;
+    out(b, i, j) = stf<T>(mul(stddev, detail::normal_at(seed, st + static_cast<std::uint64_t>(b), index)));
   }
 };
+
+// ------------------------------------------------------------------ multi-tensor launches
+/// Up to K element-wise operations of one functor type on separate matrices, passed by value as one
+/// kernel parameter (no device staging, nothing to synchronize; a CUDA graph captures it as is).
+/// Item t runs on blocks [first[t], first[t+1]); ntiles[t] == 0 selects the 4-wide path.
+template <class F, int K>
+struct MultiEw {
+  F f[K];
+  Dims d[K];
+  i64 ntiles[K];
+  i64 first[K + 1];
+  int n;
+};
+/// How many items of functor F fit one launch's parameter block (4 KiB, the classic limit).
+template <class F>
+constexpr int multi_capacity() {
+  constexpr std::size_t per = sizeof(F) + sizeof(Dims) + 2 * sizeof(i64);
+  constexpr std::size_t k = (3968 - 2 * sizeof(i64)) / per;
+  return k > 64 ? 64 : static_cast<int>(k);
+}
+template <class F>
+concept HasVec4 = requires(const F& f, i64 b, i64 j) { f.vec4(b, j); };
+
+template <class F, int K>
+__global__ void __launch_bounds__(kThreads) ew_multi_kernel(const __grid_constant__ MultiEw<F, K> a, const int* skip) {
+  if (skipped(skip)) return;
+  int t = 0;
+  while (t + 1 < a.n && static_cast<i64>(blockIdx.x) >= a.first[t + 1]) ++t;
+  const i64 nb = a.first[t + 1] - a.first[t], k = static_cast<i64>(blockIdx.x) - a.first[t];
+  const Dims d = a.d[t];
+  const F& f = a.f[t];
+  if constexpr (HasVec4<F>) {
+    if (a.ntiles[t] == 0) {
+      const i64 per = d.cols >> 2, n = d.batch * per;
+      for (i64 u = k * kThreads + threadIdx.x; u < n; u += nb * kThreads) {
+        const i64 b = u / per;
+        f.vec4(b, (u - b * per) << 2);
+      }
+      return;
+    }
+  }
+  const i64 ntiles = a.ntiles[t];
+  const i64 units = d.batch * d.rows * ntiles;
+  for (i64 u = k; u < units; u += nb) {
+    const i64 R = u / ntiles, tt = u - R * ntiles;
+    const i64 b = R / d.rows, i = R - b * d.rows;
+    const i64 j0 = tt * kTileCols;
+    const i64 j1 = j0 + kTileCols < d.cols ? j0 + kTileCols : d.cols;
+    for (i64 j = j0 + threadIdx.x; j < j1; j += kThreads) f(b, i, j);
+  }
+}
+
+/// x ← 0 when the predicate is raised (launched without the predicate: it acts on a skip).
+template <class T>
+struct ZeroIfSkipF {
+  MRef<T> x;
+  const int* flag;
+  __device__ void operator()(i64 b, i64 i, i64 j) const {
+    if (*flag != 0) x(b, i, j) = stf<T>(0.0f);
+  }
+};
+/// flags[j] ← v (iteration space 1 × 1 × n).
+struct SetFlagsF {
+  int* flags;
+  int v;
+  __device__ void operator()(i64, i64, i64 j) const { flags[j] = v; }
+};
+/// *counter += *flag (never predicated).
+template <int = 0>
+__global__ void accumulate_flag(const int* flag, std::int64_t* counter) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) *counter += *flag;
+}
 
 /// Bytes of a small host-to-device copy, passed by value as a kernel parameter (no staging memory,
 /// no synchronization: the host buffer may change as soon as the launch returns).

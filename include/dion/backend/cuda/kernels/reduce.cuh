@@ -65,7 +65,8 @@ struct NonzeroClearsF {
 /// stat[2R] = ss, stat[2R+1] = ss / (√V + 1e-8)² with V as stored (R = b·rows + i).
 template <class TO, class TV>
 __global__ void __launch_bounds__(kThreads) normuon_rows(MRef<const TO> O, MRef<TV> V, Dims d, float o_scale,
-                                                         float beta2, double* stat) {
+                                                         float beta2, double* stat, const int* skip) {
+  if (skipped(skip)) return;
   const int lane = threadIdx.x & 31;
   const i64 nrows = d.batch * d.rows;
   const i64 w0 = (blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x) >> 5;
@@ -96,7 +97,8 @@ __global__ void __launch_bounds__(kThreads) normuon_rows(MRef<const TO> O, MRef<
 template <class TO, class TV>
 __global__ void __launch_bounds__(kThreads) nordion2_rows(MRef<const TO> O, MRef<TV> V, const std::int64_t* idx,
                                                           i64 batch, i64 k, i64 cols, float beta2, float* f,
-                                                          double* stat) {
+                                                          double* stat, const int* skip) {
+  if (skipped(skip)) return;
   const int lane = threadIdx.x & 31;
   const i64 nrows = batch * k;
   const i64 w0 = (blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x) >> 5;
