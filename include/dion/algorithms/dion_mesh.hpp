@@ -333,10 +333,27 @@ void dion_mesh_chunk(Ctx& cx, const DionMesh<Comm>& dm) {
           if (pl > 0) be.trsm_right_upper(Pf, G.slice(0, cnt));
           bool any_failed = false;
           if constexpr (Be::host_visible) {
-            // Last resort, as on one process (RELIABILITY N9): a Cholesky that failed (a rank-
-            // deficient P) → Householder QR of that whole matrix on its owner. The flags were
-            // all-gathered, so every rank takes the same branch.
+            // Last resort, as on one process (RELIABILITY N9): where the Cholesky failed or the
+            // result fails the quality check max |PᵀP − I| ≤ cqr_tolerance(p) (a rank-deficient P
+            // defeats both Cholesky passes), Householder QR of the whole matrix on its owner. The
+            // Gram is summed over the row shards and the flags agreed: every rank takes the same
+            // branch.
             inner->all_gather_inplace(bufs.info, static_cast<std::size_t>(per));
+            auto G3 = G.slice(0, cnt);
+            if (pl > 0) be.gram(Op::T, Pf, G3);
+            else be.fill(G3, 0.0f);
+            inner->all_reduce(bufs.gg, static_cast<std::size_t>(cnt * r * r), ReduceOp::sum);
+            const float tol = ortho::cqr_tolerance(p);
+            for (std::int64_t b = 0; b < cnt; ++b)
+              for (std::int64_t i = 0; i < r && bufs.info[b] == 0; ++i)
+                for (std::int64_t j = 0; j < r; ++j) {
+                  const float v = G3(b, i, j) - (i == j ? 1.0f : 0.0f);
+                  if (!(std::fabs(v) <= tol)) {  // NaN fails too
+                    bufs.info[b] = 1;
+                    break;
+                  }
+                }
+            inner->all_reduce(bufs.info, static_cast<std::size_t>(cnt), ReduceOp::max);
             for (std::int64_t b = 0; b < cnt; ++b) any_failed = any_failed || bufs.info[b] != 0;
           }
           if (any_failed) {
