@@ -125,10 +125,11 @@ constexpr int kSteps = 3;
 bool dropped(std::size_t param, int step) { return param == 1 && step == 2; }  // no gradient anywhere
 
 /// The single-process reference on the full matrices (mean gradient over the replicas).
+template <class Opt = OneDion>
 std::vector<std::vector<float>> run_reference(const std::vector<MSpec>& specs, const dion::Options& o, int Wr,
                                               std::vector<std::vector<float>>* momenta = nullptr) {
   dion::EigenBackend be;
-  OneDion opt{be, o};
+  Opt opt{be, o};
   auto grp = opt.add_group();
   std::vector<std::vector<float>> x(specs.size()), g(specs.size());
   for (std::size_t k = 0; k < specs.size(); ++k) {
@@ -160,10 +161,11 @@ dion::ShardSpec spec_for(int dim, const MSpec& s, const Block& b) {
 
 /// The distributed run: this rank's blocks after kSteps (momenta after synchronize_for_checkpoint
 /// when asked).
+template <class Opt = DistDion>
 std::vector<std::vector<float>> run_mesh(const std::vector<MSpec>& specs, const dion::Options& o, Grid g,
                                          const Comms& c, std::vector<std::vector<float>>* momenta = nullptr) {
   dion::EigenBackend be;
-  DistDion opt{be, c.mesh(), o};
+  Opt opt{be, c.mesh(), o};
   auto grp = opt.add_group();
   std::vector<std::vector<float>> x(specs.size()), gr(specs.size());
   std::vector<Block> blocks(specs.size());
@@ -297,6 +299,15 @@ TEST_CASE("dion mesh: tensor parallel (inner_shard) matches one process", "[mpi]
     INFO("TP over " << W << " ranks, rank_fraction " << rf << ": relative update difference (frob / elementwise) " << d.frob << " / " << d.maxabs);
     check_diff(d);
   }
+  // two power iterations (the second starts from R, the guard still falls back to the stored Q)
+  {
+    const dion::Options o{.lr = 0.02f, .rank_fraction = 0.5, .power_iters = 2};
+    const auto ref = run_reference(specs, o, 1);
+    const auto got = run_mesh(specs, o, g, c);
+    const Diff d = parity("TP power_iters 2", specs, o, g, c, got, ref);
+    INFO("TP power_iters 2: relative update difference (frob / elementwise) " << d.frob << " / " << d.maxabs);
+    check_diff(d);
+  }
   // the other orthonormalizers take the whole-matrix path on the owner: same arithmetic as one process
   for (auto qm : {dion::QrMethod::qr, dion::QrMethod::cqr}) {
     const dion::Options o{.lr = 0.02f, .rank_fraction = 0.5, .qr_method = qm, .cqr_warmup_steps = 0};
@@ -380,6 +391,26 @@ TEST_CASE("dion mesh: HSDP (replicate x outer) and DP x TP match one process on 
       CHECK(dm <= 1e-5);
     }
   }
+}
+
+TEST_CASE("dion mesh: bf16 states on FSDP x TP stay close to one process", "[mpi][dion][tp][bf16]") {
+  // bf16 momentum and Q: the shards' partial products are rounded to bf16 before they are summed
+  // (one process rounds the whole sum once), so the difference is bf16 noise (2^-8 = 3.9e-3 per
+  // rounding), carried through the orthonormalization: a smoke test of the bf16 exchange paths
+  // (MPI reduces bf16 in fp32), bounded at 5e-2 (Frobenius).
+  const int W = world_size();
+  const auto [Wo, Wi] = grid2(W, false);
+  const Grid g{1, Wo, Wi};
+  const Comms c = make_comms(g, false, true, true);
+  const std::vector<MSpec> specs = {{"t1", 40, 12, -1, -2}, {"t2", 40, 12, -1, -2}, {"w1", 12, 40, -2, -1},
+                                    {"fo", 10, 30, -2, 0}};
+  using P = dion::precision::Bf16States;
+  const dion::Options o{.lr = 0.02f, .rank_fraction = 0.5};
+  const auto ref = run_reference<dion::Dion<dion::EigenBackend, dion::SingleProcess, P>>(specs, o, 1);
+  const auto got = run_mesh<dion::Dion<dion::EigenBackend, dion::MpiComm, P>>(specs, o, g, c);
+  const Diff d = parity("FSDPxTP bf16 states", specs, o, g, c, got, ref);
+  INFO("bf16 states: relative update difference (frob / elementwise) " << d.frob << " / " << d.maxabs);
+  CHECK(d.frob <= 5e-2);
 }
 
 TEST_CASE("dion mesh: mismatched orientation is a different algorithm (measured, not compared)",
