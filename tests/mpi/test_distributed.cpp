@@ -378,13 +378,13 @@ TEST_CASE("distributed: mesh and shard layout errors are typed and symmetric", "
   }
   CHECK(sum_over_ranks(caught) == W);
   caught = 0;
-  try {  // Dion: HSDP (replicate + outer_shard) is not implemented
-    dion::Dion<dion::EigenBackend, dion::MpiComm> opt{be, {.replicate = &comm, .outer_shard = &comm2}, {}};
-  } catch (const dion::NotSupported&) {
+  try {  // Dion: one communicator passed for two mesh dimensions
+    dion::Dion<dion::EigenBackend, dion::MpiComm> opt{be, {.replicate = &comm, .outer_shard = &comm}, {}};
+  } catch (const dion::InvalidArgument&) {
     ++caught;
   }
   CHECK(sum_over_ranks(caught) == W);
-  {  // Dion: a row-sharded matrix needs outer_shard; a column-sharded one is not supported
+  {  // Dion: a row-sharded matrix needs outer_shard; outer and inner specs on the same dim
     dion::Dion<dion::EigenBackend, dion::MpiComm> opt{be, {.replicate = &comm}, {}};
     std::vector<float> x(2 * 8, 1.0f), g(2 * 8, 0.1f);
     caught = 0;
@@ -399,8 +399,9 @@ TEST_CASE("distributed: mesh and shard layout errors are typed and symmetric", "
     caught = 0;
     try {
       fs.add_group().add("w", dion::host_view(x.data(), {2, 8}), dion::host_view(g.data(), {2, 8}),
+                         {.dim = -1, .global_length = 8 * W, .offset = 8 * me, .local_length = 8},
                          {.dim = -1, .global_length = 8 * W, .offset = 8 * me, .local_length = 8});
-    } catch (const dion::NotSupported&) {
+    } catch (const dion::InvalidArgument&) {
       ++caught;
     }
     CHECK(sum_over_ranks(caught) == W);

@@ -28,9 +28,6 @@ std::int64_t dion_dist_bytes(const Chunk& c, std::int64_t per_matrix, int W) {
   return (c.count + W) * per_matrix + 2 * c.count * c.rows * c.r * 4 + 16 * 256 + 4096;
 }
 
-template <class Ctx>
-void dion_chunk_sharded(Ctx& cx);
-
 /// Compressed synchronization (SPEC §1.5): low rank that pays off; P and R are averaged instead of G.
 inline bool dion_compressed(double rank_fraction, std::int64_t m, std::int64_t n, std::int64_t r) {
   return rank_fraction < 1.0 && (m + n) * r < m * n;
@@ -45,9 +42,6 @@ void dion_chunk(Ctx& cx) {
   if (m == 0 || n == 0 || r == 0) return;
   const bool tr = ch.transposed;
   using Comm = typename Ctx::comm_type;
-  if constexpr (is_distributed_v<Comm>) {
-    if (cx.comm && cx.offs) return dion_chunk_sharded(cx);
-  }
   // data parallel over the replicate communicator (SPEC §2.5, non-sharded): W > 1 only here
   int W = 1, me = 0;
   bool comp = false;
@@ -208,145 +202,6 @@ void dion_chunk(Ctx& cx) {
   });
 }
 
-/// FSDP (SPEC §2.5 outer-sharded): every matrix's rows are sharded over the outer communicator
-/// (contiguous in rank order, offsets cx.offs), which makes Dion use the transposed orientation
-/// B = Mᵀ, so B's columns (M's rows) are sharded and Q (m × r) is sharded like the rows:
-///   P = Σ_ranks M_localᵀ·Q_local (all-reduce), orthonormalized by one owner per matrix and
-///   all-gathered; R_local = M_local·P; guard agreed over the ranks; M_local −= (1−mu)·R_local·Pᵀ;
-///   column norms of the whole R (its rows gathered: r columns, cheap next to the matrix);
-///   X_local ← (1 − lr·wd)·X_local − lr·√(m/n)·Q_local·Pᵀ.
-/// Equal to a single process up to the summation order of P (SPEC §2.7: 1e-6) when the single
-/// process uses the same orientation (wide matrices, m < n).
-template <class Ctx>
-void dion_chunk_sharded(Ctx& cx) {
-  using Space = typename std::remove_reference_t<decltype(cx.be)>::Space;
-  auto& comm = *cx.comm;
-  auto& be = cx.be;
-  const int W = comm.size(), me = comm.rank();
-  const auto& ch = cx.chunk;
-  const Options& o = cx.o;
-  const std::int64_t m = ch.rows, n = ch.cols, r = ch.r;
-  if (m == 0 || n == 0 || r == 0) return;
-  const std::int64_t* offs = cx.offs;
-  const std::int64_t lme = offs[me + 1] - offs[me];
-  const float lr_scale = static_cast<float>(std::sqrt(static_cast<double>(m) / static_cast<double>(n)));
-  const auto& first = cx.params[static_cast<std::size_t>(cx.slots[static_cast<std::size_t>(ch.items[0].slot)].param)];
-  const DType mt = const_cast<std::remove_cvref_t<decltype(first)>&>(first).state_view("momentum").dtype;
-
-  dispatch_dtype(mt, [&]<class TM>() {
-    Carver cv{cx.workspace};
-    const std::int64_t N = ch.count, np = (N + W - 1) / W * W;
-    TM* qw = cv.take<TM>(N * lme * r);
-    TM* pp = cv.take<TM>(np * n * r);
-    TM* rr = cv.take<TM>(N * lme * r);
-    TM* uu = cv.take<TM>(N * lme * n);
-    TM* rfull = cv.take<TM>(N * m * r);
-    TM* rstage = cv.take<TM>(N * m * r);
-    const std::int64_t k = ortho::rcqr_sketch_rows(r, o.rcqr_oversample);
-    float* qr_scratch = cv.take<float>(ortho::qr_scratch_floats(N, n, r, k));
-    int* zero_flags = cv.take<int>(N);
-
-    struct Live {
-      int param;
-      std::int64_t pos;
-    };
-    std::vector<Live> live;
-    live.reserve(ch.items.size());
-    std::int64_t cnt = 0;
-    for (const auto& it : ch.items) {
-      auto& pr = cx.params[static_cast<std::size_t>(cx.slots[static_cast<std::size_t>(it.slot)].param)];
-      if (!pr.live) continue;
-      if (lme > 0) {
-        auto mv = pr.state_view("momentum");
-        auto qv = pr.state_view("Q");
-        dispatch_dtype(pr.param.dtype, [&]<class TG>() {
-          be.add_into(mv.template mat<TM>(), pr.grad.template mat<TG>());
-        });
-        dispatch_dtype(qv.dtype, [&]<class TQ>() {
-          be.copy(qv.template mat<TQ>(), packed<TM, Space>(qw + cnt * lme * r, 1, lme, r));
-        });
-      }
-      cx.streams[static_cast<std::size_t>(cnt)] = pr.key;  // mixed with the device step count
-      live.push_back({static_cast<int>(&pr - cx.params.data()), cnt});
-      ++cnt;
-    }
-    if (cnt == 0) return;
-    auto Mloc = [&](const Live& l) {
-      return cx.params[static_cast<std::size_t>(l.param)].state_view("momentum").template mat<TM>();
-    };
-    auto P = packed<TM, Space>(pp, cnt, n, r);
-    auto R = packed<TM, Space>(rr, cnt, lme, r);
-    auto Qw = packed<TM, Space>(qw, cnt, lme, r);
-
-    // P = Bᵀ-side product, summed over the row shards
-    for (const auto& l : live) {
-      if (lme > 0) be.gemm(Op::T, Op::N, 1.0f, Mloc(l), Qw.at(l.pos), 0.0f, P.at(l.pos));
-      else be.fill(P.at(l.pos), 0.0f);
-    }
-    reduce_in_place(comm, P, ReduceOp::sum);
-    // orthonormalize: one owner per matrix (contiguous blocks), all-gathered
-    const bool use_cqr = o.qr_method == QrMethod::cqr && cx.taken_step > o.cqr_warmup_steps;
-    if (cnt == 1) {
-      ortho::orthonormalize(be, o.qr_method, use_cqr, o.rcqr_oversample, P, qr_scratch,
-                            ortho::SketchKey{o.seed, cx.streams.data(), cx.step_dev});
-    } else {
-      const std::int64_t per = (cnt + W - 1) / W, e = n * r;
-      const std::int64_t lo = std::min<std::int64_t>(me * per, cnt), hi = std::min<std::int64_t>(lo + per, cnt);
-      if (hi > lo)
-        ortho::orthonormalize(be, o.qr_method, use_cqr, o.rcqr_oversample, P.slice(lo, hi - lo), qr_scratch,
-                              ortho::SketchKey{o.seed, cx.streams.data() + lo, cx.step_dev});
-      const std::int64_t pad0 = std::max<std::int64_t>(hi, me * per), pad1 = (me + 1) * per;
-      if (pad1 > pad0) be.fill(packed<TM, Space>(pp + pad0 * e, pad1 - pad0, n, r), 0.0f);
-      comm.all_gather_inplace(pp, static_cast<std::size_t>(per * e));
-    }
-    // R_local = M_local·P; the all-zero guard looks at the whole matrix (agreed over the shards)
-    for (const auto& l : live) {
-      if (lme > 0) be.gemm(Op::N, Op::N, 1.0f, Mloc(l), P.at(l.pos), 0.0f, R.at(l.pos));
-      be.all_zero_flags(Mloc(l), zero_flags + l.pos);  // an empty shard is all zero: 1
-    }
-    comm.all_reduce(zero_flags, static_cast<std::size_t>(cnt), ReduceOp::min);
-    be.dion_guard(P, R, Qw, zero_flags);
-    be.zero_if_skip(P);  // a skipped step: the error-feedback product adds exact zeros
-    be.zero_if_skip(R);
-    const float ef = -(1.0f - o.mu);
-    if (lme > 0)
-      for (const auto& l : live) be.gemm(Op::N, Op::T, ef, R.at(l.pos), P.at(l.pos), 1.0f, Mloc(l));
-    // column norms over the whole R: gather its rows (every rank sends its rows to every rank)
-    {
-      std::vector<int> sc(static_cast<std::size_t>(W)), sd(sc), rc(sc), rd(sc);
-      std::int64_t at = 0;
-      for (int i = 0; i < W; ++i) {
-        const std::int64_t li = offs[i + 1] - offs[i];
-        sc[static_cast<std::size_t>(i)] = RowExchange::as_count(cnt * lme * r);
-        sd[static_cast<std::size_t>(i)] = 0;
-        rc[static_cast<std::size_t>(i)] = RowExchange::as_count(cnt * li * r);
-        rd[static_cast<std::size_t>(i)] = RowExchange::as_count(at);
-        at += cnt * li * r;
-      }
-      comm.all_to_all_v(static_cast<const TM*>(rr), sc, sd, rstage, rc, rd);
-      for (int i = 0; i < W; ++i) {
-        const std::int64_t li = offs[i + 1] - offs[i];
-        if (li == 0) continue;
-        be.copy(Mat<TM, Space>{rstage + rd[static_cast<std::size_t>(i)], cnt, li, r, r, li * r},
-                Mat<TM, Space>{rfull + offs[i] * r, cnt, li, r, r, m * r});
-      }
-    }
-    auto Rfull = packed<TM, Space>(rfull, cnt, m, r);
-    auto Qnfull = packed<TM, Space>(rstage, cnt, m, r);
-    be.col_normalize(Rfull, o.epsilon, Qnfull);
-    if (lme == 0) return;
-    for (const auto& l : live) {
-      auto& pr = cx.params[static_cast<std::size_t>(l.param)];
-      Mat<TM, Space> Qn{rstage + l.pos * m * r + offs[me] * r, 1, lme, r, r, m * r};
-      auto U = packed<TM, Space>(uu + l.pos * lme * n, 1, lme, n);
-      be.gemm(Op::N, Op::T, 1.0f, Qn, P.at(l.pos), 0.0f, U);
-      dispatch_dtype(pr.param.dtype, [&]<class TX>() {
-        be.apply_update(pr.param.template mat<TX>(), U, cx.lr, cx.wd, lr_scale, false);
-      });
-      auto qv = pr.state_view("Q");
-      dispatch_dtype(qv.dtype, [&]<class TQ>() { be.copy(Qn, qv.template mat<TQ>()); });
-    }
-  });
-}
+// Sharded layouts (FSDP, HSDP, TP, 2-D): algorithms/dion_mesh.hpp.
 
 }  // namespace dion::detail

@@ -19,6 +19,7 @@
 
 #include "dion/algorithms/context.hpp"
 #include "dion/algorithms/dion.hpp"
+#include "dion/algorithms/dion_mesh.hpp"
 #include "dion/algorithms/muon_family.hpp"
 #include "dion/algorithms/scalar.hpp"
 #include "dion/comm/mesh.hpp"
@@ -73,6 +74,10 @@ struct ParamRecord {
   // Sharded (Muon family): first global row of every rank of the shard communicator, plus the
   // global row count at the end (size W+1); the shards are contiguous in rank order.
   std::vector<std::int64_t> shard_offsets;
+  // Dion, tensor parallel: the sharding over Mesh::inner_shard, and the first index of every inner
+  // rank's shard plus the global length (size W_i+1); empty when not inner-sharded.
+  ShardSpec inner_shard;
+  std::vector<std::int64_t> inner_offsets;
   // Dion
   bool transposed = false;
   std::int64_t rank = 0;
@@ -119,6 +124,7 @@ struct Chunk {
   // Sharded chunks (Muon family, rows sharded over the optimizer's communicator): index into the
   // engine's shard layouts (every matrix of the chunk is cut the same way); -1 = not sharded.
   int layout = -1;
+  int inner_layout = -1;      // Dion, tensor parallel: index into the layouts of the inner shard offsets
   bool global_scope = false;  // Dion2 / NorDion2 selection_scope == global on a sharded chunk
 };
 
@@ -158,9 +164,13 @@ struct EngineAccess;
 ///   averaged by the caller; each matrix is orthogonalized by one rank and all-gathered, bit-identical
 ///   to one process) or Mesh::outer_shard (FSDP: matrices row-sharded with ShardSpec{-2, ...};
 ///   unsharded matrices use the data-parallel path over the same mesh).
-/// * Dion takes Mesh::replicate (gradients averaged in place, or P and R for compressed low rank;
-///   see Options::replicate_mesh_grad_sync and synchronize_for_checkpoint()) or Mesh::outer_shard
-///   (FSDP, row-sharded matrices). Tensor parallel (inner_shard) and HSDP are not implemented.
+/// * Dion takes any product of Mesh::replicate (data parallel: gradients averaged in place, or P and R
+///   for compressed low rank; see Options::replicate_mesh_grad_sync and synchronize_for_checkpoint()),
+///   Mesh::outer_shard (FSDP: a matrix's rows or columns sharded, the ShardSpec argument of add()) and
+///   Mesh::inner_shard (tensor parallel: the other dim sharded, add()'s `inner` ShardSpec): DDP,
+///   FSDP, HSDP (replicate × outer), TP, FSDP+TP (outer × inner) and all three (SPEC §2.5,
+///   algorithms/dion_mesh.hpp). The communicators must be distinct and form a product mesh (checked
+///   at construction). Unsharded matrices are data parallel over replicate (redundant over the rest).
 template <Backend B, Communicator Comm = SingleProcess, PrecisionPolicy P = precision::Default>
 class Optimizer {
   template <class Tag>
@@ -182,8 +192,12 @@ class Optimizer {
    public:
     /// Register parameter `name` (stable, unique) with its gradient buffer (may be empty: set it
     /// later with set_grad). Returns *this for chaining.
-    GroupRef& add(const std::string& name, View<Space> param, View<Space> grad = {}, ShardSpec shard = {}) {
-      opt_->add_param(index_, name, param, grad, shard);
+    /// `shard`: how the view sits in the global tensor over the shard communicator (the Muon
+    /// family's one mesh; Dion: Mesh::outer_shard). `inner` (Dion and Lion/AdamW groups only): the
+    /// sharding over Mesh::inner_shard (tensor parallel), along the other matrix dim.
+    GroupRef& add(const std::string& name, View<Space> param, View<Space> grad = {}, ShardSpec shard = {},
+                  ShardSpec inner = {}) {
+      opt_->add_param(index_, name, param, grad, shard, inner);
       return *this;
     }
     int index() const noexcept { return index_; }
@@ -398,6 +412,7 @@ class Optimizer {
                                     detail::options_fingerprint(defaults_));
     for (Comm* c : std::initializer_list<Comm*>{mesh_.replicate, mesh_.outer_shard, mesh_.inner_shard}) fp += detail::concat('|', c ? c->size() : 0);
     agree_config("optimizer construction", fp);
+    agreed("optimizer construction (mesh)", [&] { check_product_mesh(); });
   }
 
  public:
@@ -488,11 +503,14 @@ class Optimizer {
   void validate_mesh() const {
     if constexpr (Comm::distributed) {
       if (family_ == detail::Family::dion) {
-        DION_CHECK(!mesh_.inner_shard, NotSupported,
-                   "Dion: inner_shard (tensor parallel) meshes are not implemented yet; pass Mesh::replicate "
-                   "(data parallel) or Mesh::outer_shard (FSDP)");
-        DION_CHECK(!(mesh_.replicate && mesh_.outer_shard), NotSupported,
-                   "Dion: replicate and outer_shard together (HSDP) are not implemented yet; pass one of them");
+        const Comm* r = mesh_.replicate;
+        const Comm* o = mesh_.outer_shard;
+        const Comm* i = mesh_.inner_shard;
+        DION_CHECK(!(r && (r == o || r == i)) && !(o && o == i), InvalidArgument,
+                   "Dion: Mesh::replicate, outer_shard and inner_shard must be distinct communicators (one per mesh "
+                   "dimension); the same one was passed for ",
+                   r && r == o ? "replicate and outer_shard" : r && r == i ? "replicate and inner_shard"
+                                                                       : "outer_shard and inner_shard");
       } else {
         DION_CHECK(!mesh_.inner_shard, NotSupported, algorithm_name(default_algorithm_),
                    ": no tensor-parallel (inner_shard) support (SPEC §2.1); pass one 1-D mesh");
@@ -500,6 +518,41 @@ class Optimizer {
                    ": takes exactly one 1-D mesh (replicate for data parallel, or outer_shard for FSDP; with "
                    "HSDP pass only the shard mesh), got both");
       }
+    }
+  }
+  /// The mesh dimensions must form a product: every member of one dimension's communicator holds
+  /// the same rank (and size) in each other dimension. Catches a communicator passed for two
+  /// dimensions (two duplicates of one world) or groups split the wrong way, which would otherwise
+  /// pair mismatched blocks in the collectives. Collective over every mesh communicator.
+  void check_product_mesh() {
+    if constexpr (Comm::distributed) {
+      if (mesh_comms_.size() < 2) return;
+      Comm* dims[3] = {mesh_.replicate, mesh_.outer_shard, mesh_.inner_shard};
+      const char* names[3] = {"replicate", "outer_shard", "inner_shard"};
+      std::int64_t mine[6];
+      for (int d = 0; d < 3; ++d) {
+        mine[2 * d] = dims[d] ? dims[d]->rank() : 0;
+        mine[2 * d + 1] = dims[d] ? dims[d]->size() : 1;
+      }
+      std::string err;
+      for (int d = 0; d < 3; ++d) {
+        Comm* c = dims[d];
+        if (!c) continue;
+        std::vector<std::int64_t> all(static_cast<std::size_t>(6 * c->size()));
+        detail::host_all_gather(*c, mine, all.data(), 6);  // every gather completes before any throw
+        for (int j = 0; j < c->size() && err.empty(); ++j)
+          for (int e = 0; e < 3 && err.empty(); ++e) {
+            if (e == d) continue;
+            const auto rk = all[static_cast<std::size_t>(6 * j + 2 * e)], sz = all[static_cast<std::size_t>(6 * j + 2 * e + 1)];
+            if (rk != mine[2 * e] || sz != mine[2 * e + 1])
+              err = detail::concat("Mesh: the communicators do not form a product mesh: over ", names[d], ", rank ", j,
+                                   " is ", names[e], " rank ", rk, " of ", sz, " but rank ", c->rank(), " is ", names[e],
+                                   " rank ", mine[2 * e], " of ", mine[2 * e + 1], "; every ", names[d],
+                                   " group must hold exactly one rank of each other mesh dimension (was one "
+                                   "communicator passed for two dimensions?)");
+          }
+      }
+      DION_CHECK(err.empty(), InvalidArgument, err);
     }
   }
   /// Before anything changes in step(): all ranks agree on which parameters have a gradient and,
@@ -616,17 +669,20 @@ class Optimizer {
     }
   }
 
-  void add_param(int gi, const std::string& name, View<Space> param, View<Space> grad, ShardSpec shard) {
+  void add_param(int gi, const std::string& name, View<Space> param, View<Space> grad, ShardSpec shard,
+                 ShardSpec inner = {}) {
     const std::string where0 = detail::concat("parameter '", name, "' (group ", gi, "): add");
     detail::ParamRecord<B> rec;
-    agreed(where0, [&] { rec = prepare_param(gi, name, param, grad, shard); });
+    agreed(where0, [&] { rec = prepare_param(gi, name, param, grad, shard, inner); });
     if constexpr (Comm::distributed) {
       const auto& gs = rec.global_shape;
       agree_config(where0, detail::concat("param|", params_.size(), '|', name, '|', gi, '|', gs.str(), '|',
                                           static_cast<int>(param.dtype), '|', rec.shard.dim, '|',
-                                          rec.shard.global_length));
-      if (rec.shard.sharded() && !is_scalar_algorithm(groups_[static_cast<std::size_t>(gi)].algorithm))
-        exchange_layout(rec, where0);  // same data on every rank: every rank reaches the same verdict
+                                          rec.shard.global_length, '|', rec.inner_shard.dim, '|',
+                                          rec.inner_shard.global_length));
+      if ((rec.shard.sharded() || rec.inner_shard.sharded()) &&
+          !is_scalar_algorithm(groups_[static_cast<std::size_t>(gi)].algorithm))
+        exchange_layout(rec, where0);
     }
     auto& g = groups_[static_cast<std::size_t>(gi)];
     const Algorithm a = g.algorithm;
@@ -637,29 +693,52 @@ class Optimizer {
   }
 
   /// The shard layout of a sharded matrix: every rank's (offset, length), gathered over the
-  /// optimizer's communicator; the shards must tile the global rows contiguously in rank order
-  /// (FSDP's chunking, with uneven and empty shards allowed).
+  /// communicator of each sharded mesh dimension (the optimizer's shard communicator; Dion's
+  /// inner_shard); the shards must tile the global dim contiguously in rank order (FSDP's chunking,
+  /// with uneven and empty shards allowed), and on a 2-D mesh every group must see the same layout.
   void exchange_layout(detail::ParamRecord<B>& rec, const std::string& where) {
     if constexpr (Comm::distributed) {
-      Comm* c = shard_comm_;
-      const int W = c->size();
-      std::vector<std::int64_t> mine{rec.shard.offset, rec.shard.local_length};
-      std::vector<std::int64_t> all(static_cast<std::size_t>(2 * W));
-      detail::host_all_gather(*c, mine.data(), all.data(), 2);
-      std::vector<std::int64_t> offs(static_cast<std::size_t>(W + 1));
-      std::int64_t at = 0;
-      for (int i = 0; i < W; ++i) {
-        const auto off = all[static_cast<std::size_t>(2 * i)], len = all[static_cast<std::size_t>(2 * i + 1)];
-        DION_CHECK(off == at, InvalidArgument, where, ": rank ", i, " holds rows [", off, ", ", off + len,
-                   ") but the shards must tile the ", rec.shard.global_length,
-                   " global rows contiguously in rank order (expected offset ", at, ")");
-        offs[static_cast<std::size_t>(i)] = off;
-        at += len;
+      struct Dim {
+        Comm* c;
+        const ShardSpec* sh;
+        std::vector<std::int64_t>* offs;
+        const char* mesh;
+        std::vector<std::int64_t> all;
+      };
+      std::vector<Dim> dims;
+      if (rec.shard.sharded()) dims.push_back({shard_comm_, &rec.shard, &rec.shard_offsets, "outer_shard", {}});
+      if (rec.inner_shard.sharded())
+        dims.push_back({mesh_.inner_shard, &rec.inner_shard, &rec.inner_offsets, "inner_shard", {}});
+      for (auto& d : dims) {  // every gather completes before any check can throw
+        const std::int64_t mine[2] = {d.sh->offset, d.sh->local_length};
+        d.all.resize(static_cast<std::size_t>(2 * d.c->size()));
+        detail::host_all_gather(*d.c, mine, d.all.data(), 2);
       }
-      DION_CHECK(at == rec.shard.global_length, InvalidArgument, where, ": the shards hold ", at,
-                 " rows in total, the global shape has ", rec.shard.global_length);
-      offs[static_cast<std::size_t>(W)] = at;
-      rec.shard_offsets = std::move(offs);
+      std::string fp = "layout";
+      agreed(where, [&] {
+        for (auto& d : dims) {
+          const int W = d.c->size();
+          const char* what = d.sh->dim == -2 ? "rows" : "columns";
+          std::vector<std::int64_t> offs(static_cast<std::size_t>(W + 1));
+          std::int64_t at = 0;
+          for (int i = 0; i < W; ++i) {
+            const auto off = d.all[static_cast<std::size_t>(2 * i)], len = d.all[static_cast<std::size_t>(2 * i + 1)];
+            DION_CHECK(off == at, InvalidArgument, where, ": rank ", i, " of ", d.mesh, " holds ", what, " [", off, ", ",
+                       off + len, ") but the shards must tile the ", d.sh->global_length, " global ", what,
+                       " contiguously in rank order (expected offset ", at, ")");
+            offs[static_cast<std::size_t>(i)] = off;
+            at += len;
+          }
+          DION_CHECK(at == d.sh->global_length, InvalidArgument, where, ": the shards over ", d.mesh, " hold ", at, " ",
+                     what, " in total, the global shape has ", d.sh->global_length);
+          offs[static_cast<std::size_t>(W)] = at;
+          for (auto v : offs) fp += detail::concat(',', v);
+          fp += '|';
+          *d.offs = std::move(offs);
+        }
+      });
+      // 2-D: the layout over one dimension must be the same in every group of the other
+      if (dims.size() > 1) agree_config(where + " (shard layout)", fp);
     } else {
       (void)rec;
       (void)where;
@@ -667,7 +746,7 @@ class Optimizer {
   }
 
   detail::ParamRecord<B> prepare_param(int gi, const std::string& name, View<Space> param, View<Space> grad,
-                                       ShardSpec shard) {
+                                       ShardSpec shard, ShardSpec inner) {
     check_group(gi);
     auto& g = groups_[static_cast<std::size_t>(gi)];
     const Options& o = g.opts;
@@ -715,12 +794,13 @@ class Optimizer {
       }
     }
 
-    DION_CHECK(!shard.sharded() || Comm::distributed, NotSupported, where,
+    DION_CHECK(!(shard.sharded() || inner.sharded()) || Comm::distributed, NotSupported, where,
                "a sharded parameter needs a distributed communicator (this optimizer is single-process)");
     Shape gshape = s;
-    if (shard.sharded()) check_shard(where, a, o, s, shard, gshape);
+    if (shard.sharded() || inner.sharded()) check_shard(where, a, o, s, shard, inner, gshape);
     detail::ParamRecord<B> rec;
     rec.shard = shard;
+    rec.inner_shard = inner;
     rec.global_shape = gshape;
     rec.name = name;
     rec.group = gi;
@@ -755,11 +835,21 @@ class Optimizer {
         std::int64_t r = o.rank_multiple_of *
                          static_cast<std::int64_t>(std::ceil(r0 / static_cast<double>(o.rank_multiple_of)));
         r = std::max<std::int64_t>(std::min({r, m, n}), std::min<std::int64_t>(1, std::min(m, n)));
-        // row-sharded (outer dim 0): B = Mᵀ so that B's sharded dim is its columns (SPEC §1.5)
-        rec.transposed = shard.sharded() ? true : m < n;
+        // sharded: the inner (TP) shard dim becomes B's rows, the outer (FSDP) one B's columns
+        // (SPEC §1.5): inner on rows or outer on columns → B = M; outer on rows or inner on columns
+        // → B = Mᵀ. Unsharded: B = Mᵀ when m < n.
+        rec.transposed = inner.sharded() ? inner.dim == -1 : shard.sharded() ? shard.dim == -2 : m < n;
         rec.rank = r;
-        const std::int64_t q = rec.transposed ? s[0] : n;  // Q (m × r) is sharded like the rows
-        add_state("Q", precision::resolve(P::Q, pd), Shape{q, r});
+        // Q (q × r): its rows sharded like B's columns over outer, its r columns over inner
+        const std::int64_t q = shard.sharded() ? shard.local_length : rec.transposed ? m : n;
+        std::int64_t rl = r;
+        if constexpr (Comm::distributed) {
+          if (inner.sharded()) {
+            const auto [r0, r1] = detail::even_block(r, mesh_.inner_shard->size(), mesh_.inner_shard->rank());
+            rl = r1 - r0;
+          }
+        }
+        add_state("Q", precision::resolve(P::Q, pd), Shape{q, rl});
         break;
       }
       case Algorithm::lion: add_state("momentum", mom_t, s); break;
@@ -772,32 +862,48 @@ class Optimizer {
     return rec;
   }
 
-  /// A sharded parameter: which layouts are implemented, and its global shape.
+  /// A sharded parameter: which layouts are implemented, and its global shape. `sh` is the sharding
+  /// over the shard communicator (Dion: Mesh::outer_shard), `in` over Mesh::inner_shard.
   void check_shard(const std::string& where, Algorithm a, const Options& o, const Shape& s, const ShardSpec& sh,
-                   Shape& gshape) const {
-    DION_CHECK(sh.dim == -2 || sh.dim == -1, InvalidArgument, where, "ShardSpec::dim = ", sh.dim,
-               " (allowed: -2 rows, -1 columns, 0 not sharded)");
-    DION_CHECK(s.ndim >= 1 && (sh.dim == -2 ? s.ndim >= 2 : true), InvalidArgument, where, "ShardSpec::dim = ",
-               sh.dim, " on a parameter of shape ", s.str());
-    const int d = s.ndim + sh.dim;
-    DION_CHECK(sh.local_length == s[d], ShapeMismatch, where, "ShardSpec::local_length = ", sh.local_length,
-               " differs from the local size ", s[d], " of dim ", sh.dim, " of the view ", s.str());
-    DION_CHECK(sh.offset >= 0 && sh.global_length >= 0 && sh.offset + sh.local_length <= sh.global_length,
-               InvalidArgument, where, "ShardSpec offset = ", sh.offset, ", local_length = ", sh.local_length,
-               " must lie within [0, global_length = ", sh.global_length, "]");
-    gshape.dims[static_cast<std::size_t>(d)] = sh.global_length;
+                   const ShardSpec& in, Shape& gshape) const {
+    for (const ShardSpec* x : {&sh, &in}) {
+      if (!x->sharded()) continue;
+      const char* arg = x == &sh ? "ShardSpec" : "inner ShardSpec";
+      DION_CHECK(x->dim == -2 || x->dim == -1, InvalidArgument, where, arg, "::dim = ", x->dim,
+                 " (allowed: -2 rows, -1 columns, 0 not sharded)");
+      DION_CHECK(s.ndim >= 1 && (x->dim == -2 ? s.ndim >= 2 : true), InvalidArgument, where, arg, "::dim = ", x->dim,
+                 " on a parameter of shape ", s.str());
+      const int d = s.ndim + x->dim;
+      DION_CHECK(x->local_length == s[d], ShapeMismatch, where, arg, "::local_length = ", x->local_length,
+                 " differs from the local size ", s[d], " of dim ", x->dim, " of the view ", s.str());
+      DION_CHECK(x->offset >= 0 && x->global_length >= 0 && x->offset + x->local_length <= x->global_length,
+                 InvalidArgument, where, arg, " offset = ", x->offset, ", local_length = ", x->local_length,
+                 " must lie within [0, global_length = ", x->global_length, "]");
+      gshape.dims[static_cast<std::size_t>(d)] = x->global_length;
+    }
+    DION_CHECK(!(sh.sharded() && in.sharded() && sh.dim == in.dim), InvalidArgument, where,
+               "the outer and inner ShardSpecs both shard dim ", sh.dim,
+               "; a 2-D sharded matrix splits one dim over each (e.g. rows over outer_shard, columns over inner_shard)");
+    DION_CHECK(!in.sharded() || family_ == detail::Family::dion, NotSupported, where, algorithm_name(default_algorithm_),
+               ": no tensor-parallel (inner ShardSpec) support (SPEC §2.1); shard over the optimizer's one mesh only");
+    DION_CHECK(!in.sharded() || mesh_.inner_shard, InvalidArgument, where,
+               "an inner ShardSpec needs Mesh::inner_shard (tensor parallel): the dim is sharded over it");
     if (is_scalar_algorithm(a)) {
       // element-wise: any sharding works without communication, except Dion's replica averaging,
-      // which needs every replica to hold the whole tensor
-      DION_CHECK(!(family_ == detail::Family::dion && mesh_.replicate), NotSupported, where,
-                 "a sharded lion/adamw parameter cannot be averaged over Mesh::replicate; register it whole");
+      // which needs every replica to hold the same piece (true on a product mesh whose shards are
+      // over outer_shard / inner_shard, not over replicate itself)
+      DION_CHECK(!(family_ == detail::Family::dion && mesh_.replicate && !mesh_.outer_shard && !mesh_.inner_shard),
+                 NotSupported, where,
+                 "a sharded lion/adamw parameter cannot be averaged over Mesh::replicate alone; register it whole "
+                 "(or shard it over outer_shard / inner_shard)");
       return;
     }
-    DION_CHECK(shard_comm_ != nullptr, InvalidArgument, where,
+    DION_CHECK(!sh.sharded() || shard_comm_ != nullptr, InvalidArgument, where,
                "a sharded matrix needs the optimizer's mesh to name the communicator it is sharded over");
-    DION_CHECK(a != Algorithm::dion || mesh_.outer_shard, InvalidArgument, where,
-               "a sharded Dion matrix needs Mesh::outer_shard (FSDP): the rows are sharded over it");
-    DION_CHECK(sh.dim == -2, NotSupported, where,
+    DION_CHECK(a != Algorithm::dion || !sh.sharded() || mesh_.outer_shard, InvalidArgument, where,
+               "a sharded Dion matrix needs Mesh::outer_shard (FSDP) for its ShardSpec (pass tensor-parallel "
+               "sharding as the inner ShardSpec, over Mesh::inner_shard)");
+    DION_CHECK(a == Algorithm::dion || sh.dim == -2, NotSupported, where,
                "column-sharded (ShardSpec::dim = -1) matrices are not supported here; shard dim -2 (rows)");
     DION_CHECK(o.num_heads == 1 && o.split_sizes.empty() && !(o.flatten && s.ndim >= 3), NotSupported, where,
                "num_heads, split_sizes and flatten (on >2-D) are not supported on sharded parameters");
@@ -808,8 +914,14 @@ class Optimizer {
   void init_dion_q(detail::ParamRecord<B>& p) {
     auto v = p.state_view("Q");
     dispatch_dtype(v.dtype, [&]<class T>() {
+      // the local block: rows from the outer shard's offset, columns (of r) from the inner one's
+      std::int64_t c0 = 0;
+      if constexpr (Comm::distributed) {
+        if (p.inner_shard.sharded())
+          c0 = detail::even_block(p.rank, mesh_.inner_shard->size(), mesh_.inner_shard->rank()).first;
+      }
       backend_->randn(v.template mat<T>(), defaults_.seed, detail::mix64(p.key, 0x51ull),
-                      p.shard.sharded() ? p.shard.offset : 0, 0, v.shape[1], 1.0f);
+                      p.shard.sharded() ? p.shard.offset : 0, c0, p.rank, 1.0f);
     });
   }
 
@@ -833,7 +945,8 @@ class Optimizer {
       const auto& g = groups_[static_cast<std::size_t>(gi)];
       if (is_scalar_algorithm(g.algorithm)) continue;
       // collect slots keyed by matrix shape (and dtype for Dion)
-      std::map<std::tuple<std::int64_t, std::int64_t, int, int>, std::vector<int>> by_shape;
+      // (rows, cols, dtype, layout, inner layout, transposed)
+      std::map<std::tuple<std::int64_t, std::int64_t, int, int, int, int>, std::vector<int>> by_shape;
       for (int pi : g.params) {
         const auto& p = params_[static_cast<std::size_t>(pi)];
         std::vector<detail::Slot> ss;
@@ -847,16 +960,18 @@ class Optimizer {
           // adjust_lr and the chunk key use the global shape (SPEC §0.1)
           ss = detail::muon_slots(pi, p.global_shape, g.opts);
         }
-        int layout = -1;
-        if (!p.shard_offsets.empty()) {
-          auto it = std::find(layouts_.begin(), layouts_.end(), p.shard_offsets);
-          layout = static_cast<int>(it - layouts_.begin());
-          if (it == layouts_.end()) layouts_.push_back(p.shard_offsets);
-        }
+        auto layout_of = [&](const std::vector<std::int64_t>& offs) {
+          if (offs.empty()) return -1;
+          auto it = std::find(layouts_.begin(), layouts_.end(), offs);
+          if (it == layouts_.end()) return layouts_.push_back(offs), static_cast<int>(layouts_.size()) - 1;
+          return static_cast<int>(it - layouts_.begin());
+        };
+        const int layout = layout_of(p.shard_offsets), inner_layout = layout_of(p.inner_offsets);
         for (auto& sl : ss) {
           slots_.push_back(sl);
           const int key_dtype = g.algorithm == Algorithm::dion ? static_cast<int>(p.param.dtype) : 0;
-          by_shape[{sl.rows, sl.cols, key_dtype, layout}].push_back(static_cast<int>(slots_.size()) - 1);
+          by_shape[{sl.rows, sl.cols, key_dtype, layout, inner_layout, p.transposed ? 1 : 0}].push_back(
+              static_cast<int>(slots_.size()) - 1);
         }
       }
       for (auto& [key, ids] : by_shape) {
@@ -867,6 +982,7 @@ class Optimizer {
         proto.cols = std::get<1>(key);
         proto.dtype = static_cast<DType>(std::get<2>(key));
         proto.layout = std::get<3>(key);
+        proto.inner_layout = std::get<4>(key);
         shape_plan(proto, g.opts, ids.empty() ? -1 : slots_[static_cast<std::size_t>(ids[0])].param);
         const std::int64_t per = bytes_per_matrix(proto, g.opts);
         const std::int64_t cap = std::max<std::int64_t>(1, g.opts.workspace_limit_bytes / std::max<std::int64_t>(per, 1));
@@ -916,6 +1032,8 @@ class Optimizer {
   std::int64_t chunk_bytes(const detail::Chunk& c, std::int64_t per) const {
     std::int64_t b = c.count * per + 4096;
     if constexpr (Comm::distributed) {
+      if (c.algorithm == Algorithm::dion && (c.layout >= 0 || c.inner_layout >= 0))
+        return std::max(b, detail::dion_mesh_bytes(c, dion_mesh(c), groups_[static_cast<std::size_t>(c.group)].opts.rcqr_oversample));
       Comm* cc = c.layout >= 0 ? shard_comm_ : ortho_comm_;
       if (cc && cc->size() > 1) {
         const int W = cc->size();
@@ -1042,7 +1160,14 @@ class Optimizer {
     detail::StepContext<B, detail::ParamRecord<B>, detail::Chunk, Comm> cx{
         *backend_, g.opts, ch, std::span<const detail::Slot>(slots_), params_, lr_ptr(ch.group), wd_ptr(ch.group),
         static_cast<char*>(workspace_.data()), g.step, host_streams_};
+    if (ch.algorithm == Algorithm::dion) {
+      cx.step_dev = group_step_ptr(ch.group);
+      if constexpr (B::host_visible) cx.taken_step = static_cast<std::int64_t>(*cx.step_dev);
+      else cx.taken_step = g.step;
+    }
     if constexpr (Comm::distributed) {
+      if (ch.algorithm == Algorithm::dion && (ch.layout >= 0 || ch.inner_layout >= 0))
+        return detail::dion_mesh_chunk(cx, dion_mesh(ch));  // FSDP, HSDP, TP, 2-D (SPEC §2.5)
       if (ch.layout >= 0 && shard_comm_->size() > 1) {
         cx.comm = shard_comm_;
         cx.offs = layouts_[static_cast<std::size_t>(ch.layout)].data();
@@ -1051,14 +1176,23 @@ class Optimizer {
         cx.grad_sync = family_ == detail::Family::dion && defaults_.replicate_mesh_grad_sync;
       }
     }
-    if (ch.algorithm == Algorithm::dion) {
-      cx.step_dev = group_step_ptr(ch.group);
-      if constexpr (B::host_visible) cx.taken_step = static_cast<std::int64_t>(*cx.step_dev);
-      else cx.taken_step = g.step;
-      detail::dion_chunk(cx);
-      return;
+    if (ch.algorithm == Algorithm::dion) detail::dion_chunk(cx);
+    else detail::muon_family_chunk<ortho_t>(cx);
+  }
+  /// The communicators and shard layouts of a sharded Dion chunk.
+  detail::DionMesh<Comm> dion_mesh(const detail::Chunk& c) const {
+    detail::DionMesh<Comm> dm;
+    dm.replicate = mesh_.replicate;
+    dm.grad_sync = defaults_.replicate_mesh_grad_sync;
+    if (c.layout >= 0) {
+      dm.outer = mesh_.outer_shard;
+      dm.outer_offs = layouts_[static_cast<std::size_t>(c.layout)].data();
     }
-    detail::muon_family_chunk<ortho_t>(cx);
+    if (c.inner_layout >= 0) {
+      dm.inner = mesh_.inner_shard;
+      dm.inner_offs = layouts_[static_cast<std::size_t>(c.inner_layout)].data();
+    }
+    return dm;
   }
   void run_scalar(int gi, detail::ParamRecord<B>& p) {
     auto& g = groups_[static_cast<std::size_t>(gi)];
