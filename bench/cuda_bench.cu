@@ -8,6 +8,7 @@
 // in the same process and is attached to every line.
 //
 //   dion_cuda_bench [--out results.jsonl | results.jsonl] [--only item,item,...] [--reps N]
+//                   [--policy propagate|skip]   (NonFinitePolicy of the timed steps; default propagate)
 //
 // Items (default: calib,check,ortho,orthoops,dionops,gpt160m,gpt160m-bf16,llama1b):
 //   calib          calibration only (always runs first)
@@ -55,6 +56,9 @@ void ok(cudaError_t e, const char* what) {
 Sink g_sink;
 std::string g_env;  // ",\"gpu\":...": device, driver, calibration
 int g_reps = 20;
+// --policy: NonFinitePolicy of the timed optimizers (propagate: the earlier runs' setting; skip_step:
+// the default, which adds one device-side read of every gradient)
+dion::NonFinitePolicy g_policy = dion::NonFinitePolicy::propagate;
 double g_copy_bw = 3.02e12;
 
 /// Times f() `reps` times after `warm` warm-ups with events on `s`; `prep(i)` runs untimed before each.
@@ -456,7 +460,7 @@ void bench_step(cudaStream_t s, CudaBackend& be, Model& model, const StepCase& s
   auto line = [&](const Stats& x, const char* mode) {
     Json j;
     j.s("bench", "step").s("backend", "cuda").s("set", model.set.name).s("dtype", model.bf ? "bf16" : "fp32")
-        .s("opt", sc.key).s("variant", variant).s("mode", mode).i("params", model.set.params())
+        .s("opt", sc.key).s("variant", variant).s("policy", dion::non_finite_policy_name(g_policy)).s("mode", mode).i("params", model.set.params())
         .i("matrices", model.set.matrices()).stats(x);
     add_model(j, md, x.median_ms, floor_ms);
     j.b("floor_from_table", tf > 0);
@@ -501,7 +505,7 @@ void bench_set(cudaStream_t s, const std::string& item, const std::set<std::stri
   ok(cudaStreamSynchronize(s), "sync");
   auto want = [&](const std::string& k) { return only_steps.empty() || only_steps.count(k); };
   dion::Options o;
-  o.non_finite = dion::NonFinitePolicy::propagate;  // no host round trip per step (capturable)
+  o.non_finite = g_policy;  // both policies are sync-free and capturable
   if (want("muon")) bench_step<dion::Muon<CudaBackend>>(s, be, model, {"muon", "muon"}, o, graph, "symmetric");
   if (want("muon-full")) {
     dion::CudaBackendOptions fo;
@@ -564,9 +568,13 @@ int main(int argc, char** argv) {
     if (a == "--out" && i + 1 < argc) out = argv[++i];
     else if (a == "--only" && i + 1 < argc) only = argv[++i];
     else if (a == "--reps" && i + 1 < argc) g_reps = std::max(1, std::atoi(argv[++i]));
+    else if (a == "--policy" && i + 1 < argc) {
+      const std::string v = argv[++i];
+      g_policy = v == "skip" || v == "skip_step" ? dion::NonFinitePolicy::skip_step : dion::NonFinitePolicy::propagate;
+    }
     else if (a.rfind("--", 0) != 0 && out.empty()) out = a;  // dion_cuda_bench results.jsonl (tests/gpu/run_on_device.sh)
     else {
-      std::fprintf(stderr, "usage: dion_cuda_bench [--out results.jsonl] [--only item,...] [--reps N]\n");
+      std::fprintf(stderr, "usage: dion_cuda_bench [--out results.jsonl] [--only item,...] [--reps N] [--policy propagate|skip]\n");
       return 2;
     }
   }

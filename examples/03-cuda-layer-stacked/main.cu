@@ -15,9 +15,8 @@
 //     be captured once and replayed. The learning rate of each replay comes from set_lr(): the graph
 //     re-reads the host value at every launch. The check at the end replays the graph with lr = 0
 //     (parameters must stay bit for bit the same) and then with lr > 0 (they must move).
-//   - NonFinitePolicy::propagate: the default policy (skip_step) reads a NaN/Inf flag back to the host
-//     inside step(), a synchronization that cannot be captured in a graph; a trainer that captures
-//     step() checks its loss instead.
+//   - The default NonFinitePolicy (skip_step) is captured too: the NaN/Inf check runs on the device
+//     and predicates the step's writes, so a replay with a bad gradient changes nothing.
 //
 // The toy problem: per layer l, loss = |W_l - T_l|^2 / 2 + |b_l - c_l|^2 / 2 + |s_l - u_l|^2 / 2 with
 // random targets; the gradient (W - T, b - c, s - u) is one kernel launch per buffer. 40 eager steps,
@@ -162,7 +161,6 @@ int main() {
     dion::CudaBackend be{stream};
     dion::Options opts;
     opts.lr = lr;
-    opts.non_finite = dion::NonFinitePolicy::propagate;  // capturable: no host read-back inside step()
     dion::Muon<dion::CudaBackend> opt{be, opts};
     // Group 0: the stacked weight, ONE parameter of shape (L, m, n): a batch of L matrices for Muon.
     opt.add_group().add("blocks.weight", dion::cuda_view(W.x, {L, m, n}), dion::cuda_view(W.g, {L, m, n}));

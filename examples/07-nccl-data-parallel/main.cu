@@ -189,7 +189,7 @@ int main(int argc, char** argv) {
     dion::NcclComm comm{nccl, stream, std::chrono::seconds(60)};  // borrowed; 60 s deadline
     const dion::Mesh<dion::NcclComm> mesh{.replicate = &comm};
     dion::Options o{.lr = 0.05f};
-    o.non_finite = dion::NonFinitePolicy::propagate;  // no host read-back of NaN flags in step()
+    o.non_finite = dion::NonFinitePolicy::propagate;  // no screening pass (skip_step would screen on the device)
     if (optimizer == "dion") {
       dion::Dion<dion::CudaBackend, dion::NcclComm> opt{gpu, mesh, o};
       rc = train(opt, nccl, stream, rank, size, /*average_grads_myself=*/false, steps);

@@ -5,6 +5,7 @@
 // left untouched.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -539,4 +540,101 @@ TEST_CASE("cuda ops: host copies (inline, large, under capture rules) and errors
   } catch (const dion::CusolverError& e) {
     CHECK_THAT(std::string(e.what()), DION_CONTAINS("CUSOLVER_STATUS_INVALID_VALUE"));
   }
+}
+
+TEST_CASE("cuda batching: merged launches equal one launch per op; the predicate skips them", "[gpu][ops][batch]") {
+  CudaEnv env;
+  auto& be = *env.be;
+  std::mt19937 rng(21);
+  // odd shapes (1-wide path), 4-wide shapes, padded rows, a batch: more items than one launch holds
+  struct Shape {
+    std::int64_t b, r, c, pad;
+  };
+  std::vector<Shape> shapes{{1, 7, 13, 0}, {2, 64, 48, 0}, {1, 33, 128, 32}, {3, 5, 4, 0}, {1, 1, 1000, 0}};
+  for (int i = 0; i < 40; ++i) shapes.push_back({1, 3 + i % 5, 8 + 4 * (i % 3), 0});
+  struct Set {
+    Pair<float> G, M, U, X, O;
+    Pair<bf16> Mb;
+  };
+  auto make = [&](const Shape& s) {
+    Set t{Pair<float>(s.b, s.r, s.c, s.pad), Pair<float>(s.b, s.r, s.c, s.pad), Pair<float>(s.b, s.r, s.c, s.pad),
+          Pair<float>(s.b, s.r, s.c, s.pad), Pair<float>(s.b, s.r, s.c, s.pad), Pair<bf16>(s.b, s.r, s.c, s.pad)};
+    return t;
+  };
+  std::vector<Set> one, many;
+  for (const auto& s : shapes) {
+    one.push_back(make(s));
+    many.push_back(make(s));
+    auto& a = one.back();
+    auto& b = many.back();
+    for (auto* p : {&a.G, &a.M, &a.X, &a.O}) p->randomize(rng);
+    a.Mb.randomize(rng);
+    b.G.host = a.G.host, b.M.host = a.M.host, b.X.host = a.X.host, b.O.host = a.O.host, b.Mb.host = a.Mb.host;
+    for (auto* t : {&a, &b}) {
+      for (auto* p : {&t->G, &t->M, &t->U, &t->X, &t->O}) p->upload();
+      t->Mb.upload();
+    }
+  }
+  // same-signature GEMMs (merged into one pointer-array call) and one of another signature
+  std::vector<Pair<float>> A, B, C1, C2;
+  for (int i = 0; i < 5; ++i) {
+    const std::int64_t k = i < 4 ? 48 : 17;
+    A.emplace_back(1, 64, k), B.emplace_back(1, k, 32), C1.emplace_back(1, 64, 32), C2.emplace_back(1, 64, 32);
+    A.back().randomize(rng), B.back().randomize(rng), C1.back().randomize(rng);
+    C2.back().host = C1.back().host;
+    for (auto* p : {&A.back(), &B.back(), &C1.back(), &C2.back()}) p->upload();
+  }
+  DevArray<float> lrwd(std::vector<float>{0.02f, 0.1f});
+  auto ops = [&](std::vector<Set>& v, std::vector<Pair<float>>& C) {
+    for (auto& t : v) be.muon_momentum(t.G.d(), t.M.d(), t.U.d(), 0.9f, true);
+    for (auto& t : v) be.apply_update(t.X.d(), t.O.d(), lrwd.p(), lrwd.p() + 1, 1.3f, true);
+    for (auto& t : v) be.add_into(t.Mb.d(), t.G.d());
+    for (auto& t : v) be.copy(t.O.d(), t.G.d());
+    for (std::size_t i = 0; i < C.size(); ++i) be.gemm(dion::Op::N, dion::Op::N, 0.5f, A[i].d(), B[i].d(), 0.25f, C[i].d());
+  };
+  ops(one, C1);
+  be.begin_batch();
+  ops(many, C2);
+  be.end_batch();
+  env.sync();
+  bool same = true;
+  for (std::size_t i = 0; i < one.size(); ++i) {
+    auto& a = one[i];
+    auto& b = many[i];
+    using PP = std::pair<Pair<float>*, Pair<float>*>;
+    for (const PP& pq : {PP{&a.G, &b.G}, PP{&a.M, &b.M}, PP{&a.U, &b.U}, PP{&a.X, &b.X}})
+      same = same && pq.first->download() == pq.second->download();
+    const auto ma = a.Mb.download(), mb = b.Mb.download();
+    same = same && ma.size() == mb.size() && std::memcmp(ma.data(), mb.data(), ma.size() * sizeof(bf16)) == 0;
+  }
+  CHECK(same);  // element-wise: bit for bit (the same functor per element), padding untouched
+  double worst = 0;
+  for (std::size_t i = 0; i < C1.size(); ++i) worst = std::max(worst, rel_err(C2[i].download(), C1[i].download()));
+  CHECK(worst <= 1e-6);
+  errors().add("batched vs per-op GEMMs (pointer-array call)", worst, 1e-6);
+
+  // under a raised predicate, merged element-wise launches change nothing; zero_if_skip zeroes
+  DevArray<int> flag(std::vector<int>{1});
+  const auto x0 = many[1].X.download(), m0 = many[1].M.download();
+  be.set_skip(flag.p());
+  be.begin_batch();
+  for (auto& t : many) be.muon_momentum(t.G.d(), t.M.d(), t.U.d(), 0.9f, true);
+  for (auto& t : many) be.apply_update(t.X.d(), t.O.d(), lrwd.p(), lrwd.p() + 1, 1.3f, false);
+  be.end_batch();
+  be.zero_if_skip(many[2].O.d());
+  be.set_skip(nullptr);
+  env.sync();
+  CHECK(many[1].X.download() == x0);
+  CHECK(many[1].M.download() == m0);
+  auto& o2 = many[2].O;
+  const auto ov = o2.download();
+  double z = 0, pad = 0;
+  for (std::int64_t i = 0; i < o2.rows; ++i)
+    for (std::int64_t j = 0; j < o2.ld; ++j) {
+      const double v = std::fabs(ov[static_cast<std::size_t>(i * o2.ld + j)]);
+      if (j < o2.cols) z = std::max(z, v);
+      else pad = std::max(pad, v);
+    }
+  CHECK(z == 0.0);      // the matrix is zeroed
+  CHECK(pad == 777.0);  // the padding is not
 }

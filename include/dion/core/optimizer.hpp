@@ -597,10 +597,12 @@ class Optimizer {
     int* flag = skip_flag_ptr();
     static constexpr int zero = 0;
     backend_->copy_from_host(&zero, flag, sizeof(int));
+    detail::BatchScope batch(*backend_);  // one multi-tensor pass over the gradients
     for (const auto& p : params_) {
       if (!p.grad.data) continue;
       dispatch_dtype(p.grad.dtype, [&]<class T>() { backend_->nonfinite_flag(p.grad.template mat<T>(), flag); });
     }
+    batch.finish();
     if constexpr (Comm::distributed)
       for (Comm* c : mesh_comms_) c->all_reduce(flag, 1, ReduceOp::max);
     backend_->set_skip(flag);

@@ -79,6 +79,14 @@ enum class NonFinitePolicy : std::uint8_t {
   raise,      ///< throw dion::NonFinite naming the parameter, before anything is changed
   propagate,  ///< no check: NaN flows into the parameters (what torch.optim does; zero overhead)
 };
+inline constexpr const char* non_finite_policy_name(NonFinitePolicy p) {
+  switch (p) {
+    case NonFinitePolicy::skip_step: return "skip_step";
+    case NonFinitePolicy::raise: return "raise";
+    case NonFinitePolicy::propagate: return "propagate";
+  }
+  return "?";
+}
 
 /// Every hyperparameter, with microsoft/dion's defaults. Given to an optimizer's constructor, it is
 /// the default of every group; a group overrides single fields with GroupOptions.

@@ -303,6 +303,7 @@ class CudaBackend {
     if constexpr (std::is_same_v<TS, TD>) {
       // same type, both packed: the copy engine path runs near HBM bandwidth (the element-wise
       // kernel's 2-byte accesses reach about half of it on bf16)
+      // (not under the step predicate, which the copy engine cannot honour, nor inside a batch)
       if (!dst.empty() && packed_layout(src) && packed_layout(dst) && skip_ == nullptr && !deferring()) {
         if (src.data != dst.data)
           DION_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data,
@@ -311,8 +312,8 @@ class CudaBackend {
         return;
       }
     }
-    ew_b(cuda_kernels::merge_rows(dims(dst), row_contig(src, dst)),
-         cuda_kernels::CopyF<TS, TD>{cuda_kernels::cmref(src), cuda_kernels::mref(dst)}, "copy");
+    ew_vb(cuda_kernels::merge_rows(dims(dst), row_contig(src, dst)),
+          cuda_kernels::CopyF<TS, TD>{cuda_kernels::cmref(src), cuda_kernels::mref(dst)}, "copy");
   }
   template <class T>
   void fill(Mat<T, Space> x, float v) {
@@ -389,9 +390,8 @@ class CudaBackend {
   /// *flag ← 1 if any element of X is NaN or Inf (not cleared first).
   template <class T>
   void nonfinite_flag(Mat<T, Space> X, int* flag) {
-    const NoDefer nd{*this};
-    ew(cuda_kernels::merge_rows(dims(X), row_contig(X)), cuda_kernels::NonfiniteF<T>{cuda_kernels::cmref(X), flag},
-       "nonfinite_flag");
+    ew_vb(cuda_kernels::merge_rows(dims(X), row_contig(X)), cuda_kernels::NonfiniteF<T>{cuda_kernels::cmref(X), flag},
+          "nonfinite_flag");
   }
 
   // ---------------------------------------------------------------- Muon family element-wise
@@ -452,8 +452,14 @@ class CudaBackend {
     for_sub_batches(M.batch, static_cast<std::size_t>(4 * S), 0, [&](std::int64_t b0, std::int64_t nb, char* scr) {
       auto* norms = reinterpret_cast<float*>(scr);
       const auto Ms = M.slice(b0, nb);
-      cuda_kernels::slice_l1<TM><<<thread_grid(nb * S), cuda_kernels::kThreads, 0, stream_>>>(
-          cuda_kernels::cmref(Ms), nb, M.rows, M.cols, rows, norms);
+      if (rows) {
+        cuda_kernels::slice_l1_rows<TM><<<warp_grid(nb * S), cuda_kernels::kThreads, 0, stream_>>>(
+            cuda_kernels::cmref(Ms), nb, M.rows, M.cols, norms);
+      } else {
+        cuda_kernels::slice_l1_cols<TM><<<grid1(std::min<std::int64_t>(nb * ((S + 31) / 32), std::int64_t{sms_} * 16)),
+                                          cuda_kernels::kThreads, 0, stream_>>>(cuda_kernels::cmref(Ms), nb, M.rows,
+                                                                                M.cols, norms);
+      }
       DION_CUDA_CHECK_LAUNCH("slice_l1");
       cuda_kernels::topk_select<><<<grid1(nb), cuda_kernels::kThreads, 0, stream_>>>(norms, S, k, idx + b0 * k);
       DION_CUDA_CHECK_LAUNCH("topk_select");

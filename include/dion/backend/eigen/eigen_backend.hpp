@@ -286,11 +286,28 @@ class EigenBackend {
     DION_CHECK(k >= 0 && k <= S, InvalidArgument, "select_topk: k = ", k, " for ", S, " slices");
     std::vector<float> norms(static_cast<std::size_t>(S));
     std::vector<std::int64_t> order(static_cast<std::size_t>(S));
+    // dion's canonical order for slice L1 norms (the CUDA backend computes the same bits): element l
+    // of a slice goes to partial sum l mod 32 in index order, then the butterfly
+    // p[i] ← p[i] + p[i xor o], o = 16, 8, 4, 2, 1
+    std::vector<float> part(static_cast<std::size_t>(S) * 32);
+    auto butterfly = [](float* p) {
+      float q[32];
+      for (int o = 16; o > 0; o >>= 1) {
+        for (int i = 0; i < 32; ++i) q[i] = p[i] + p[i ^ o];
+        std::copy(q, q + 32, p);
+      }
+      return p[0];
+    };
     for (std::int64_t b = 0; b < M.batch; ++b) {
-      std::fill(norms.begin(), norms.end(), 0.0f);
+      std::fill(part.begin(), part.end(), 0.0f);
       for (std::int64_t i = 0; i < M.rows; ++i)
-        for (std::int64_t j = 0; j < M.cols; ++j)
-          norms[static_cast<std::size_t>(rows ? i : j)] += std::fabs(detail::ld_f(M(b, i, j)));
+        for (std::int64_t j = 0; j < M.cols; ++j) {
+          const std::int64_t s = rows ? i : j, l = rows ? j : i;
+          float& acc = part[static_cast<std::size_t>(s * 32 + l % 32)];
+          acc = acc + std::fabs(detail::ld_f(M(b, i, j)));
+        }
+      for (std::int64_t s = 0; s < S; ++s)
+        norms[static_cast<std::size_t>(s)] = butterfly(part.data() + s * 32);
       std::iota(order.begin(), order.end(), std::int64_t{0});
       std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](std::int64_t a, std::int64_t c) {
         const float na = norms[static_cast<std::size_t>(a)], nc = norms[static_cast<std::size_t>(c)];

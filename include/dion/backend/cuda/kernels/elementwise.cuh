@@ -65,6 +65,27 @@ struct CopyF {
   MRef<const TS> s;
   MRef<TD> d;
   __device__ void operator()(i64 b, i64 i, i64 j) const { d(b, i, j) = stf<TD>(ldf(s(b, i, j))); }
+  bool vec_ok() const { return vec4_ok(s) && vec4_ok(d); }
+  __device__ void vec4(i64 b, i64 j) const {
+    float v[4];
+    ld4(&s(b, 0, j), v);
+    st4(&d(b, 0, j), v);
+  }
+};
+/// *flag ← 1 if any element is NaN or Inf (never cleared here).
+template <class T>
+struct NonfiniteF {
+  MRef<const T> x;
+  int* flag;
+  __device__ void operator()(i64 b, i64 i, i64 j) const {
+    if (!finite(ldf(x(b, i, j)))) *flag = 1;
+  }
+  bool vec_ok() const { return vec4_ok(x); }
+  __device__ void vec4(i64 b, i64 j) const {
+    float v[4];
+    ld4(&x(b, 0, j), v);
+    if (!(finite(v[0]) && finite(v[1]) && finite(v[2]) && finite(v[3]))) *flag = 1;
+  }
 };
 
 template <class T>

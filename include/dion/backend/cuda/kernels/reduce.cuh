@@ -38,15 +38,6 @@ __global__ void frob_finish(const double* part, int bpm, float* out, i64 n) {
   out[b] = finite_d(a) ? static_cast<float>(sqrt(a)) : __int_as_float(0x7fc00000);
 }
 
-template <class T>
-struct NonfiniteF {
-  MRef<const T> x;
-  int* flag;
-  __device__ void operator()(i64 b, i64 i, i64 j) const {
-    if (!finite(x(b, i, j))) *flag = 1;
-  }
-};
-
 template <int = 0>
 __global__ void set_flags(int* flags, i64 n, int v) {
   const i64 b = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x;
@@ -148,27 +139,61 @@ __global__ void __launch_bounds__(kThreads) rescale_finish(const double* stat, i
   rescale[b] = dvd(nf, nh);
 }
 
-/// L1 norm of every slice (rows if by_rows, else columns), summed in fp32 in index order like the
-/// Eigen backend, one thread per slice: norms[b·S + s].
+/// L1 norms of slices in dion's canonical order (the Eigen backend computes the same bits): element l
+/// of a slice goes to partial sum l mod 32 (fp32, in index order), then the 32 partials combine by
+/// the butterfly p[i] ← p[i] + p[i xor o], o = 16, 8, 4, 2, 1 (every p[i] ends equal; addition
+/// commutes). Rows: one warp per row, lane = partial, coalesced.
 template <class T>
-__global__ void __launch_bounds__(kThreads) slice_l1(MRef<const T> M, i64 batch, i64 rows, i64 cols, bool by_rows,
-                                                     float* norms) {
-  const i64 S = by_rows ? rows : cols, L = by_rows ? cols : rows;
-  const i64 n = batch * S;
-  for (i64 e = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; e < n;
-       e += gridDim.x * static_cast<i64>(blockDim.x)) {
-    const i64 b = e / S, s = e - b * S;
+__global__ void __launch_bounds__(kThreads) slice_l1_rows(MRef<const T> M, i64 batch, i64 rows, i64 cols,
+                                                          float* norms) {
+  const int lane = threadIdx.x & 31;
+  const i64 n = batch * rows;
+  const i64 w0 = (blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x) >> 5;
+  const i64 nw = (gridDim.x * static_cast<i64>(blockDim.x)) >> 5;
+  for (i64 e = w0; e < n; e += nw) {
+    const i64 b = e / rows, s = e - b * rows;
     float acc = 0.0f;
-    // the sum stays in index order (the selection must match the Eigen backend's); unrolling only
-    // lets the loads of one thread overlap
-    if (by_rows) {
-#pragma unroll 16
-      for (i64 l = 0; l < L; ++l) acc = add(acc, fabsf(ldf(M(b, s, l))));
-    } else {
-#pragma unroll 16
-      for (i64 l = 0; l < L; ++l) acc = add(acc, fabsf(ldf(M(b, l, s))));
+#pragma unroll 4
+    for (i64 l = lane; l < cols; l += 32) acc = add(acc, fabsf(ldf(M(b, s, l))));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc = add(acc, __shfl_xor_sync(0xffffffffu, acc, o));
+    if (lane == 0) norms[e] = acc;
+  }
+}
+/// Columns: a block per 32 columns (lane = column, coalesced along rows); warp w accumulates the
+/// partials w, w+8, w+16, w+24; warp 0 combines them with the butterfly.
+template <class T>
+__global__ void __launch_bounds__(kThreads) slice_l1_cols(MRef<const T> M, i64 batch, i64 rows, i64 cols,
+                                                          float* norms) {
+  __shared__ float part[32][33];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarp = kThreads / 32;
+  const i64 cb = (cols + 31) / 32;
+  for (i64 blk = blockIdx.x; blk < batch * cb; blk += gridDim.x) {
+    const i64 b = blk / cb, c = (blk - b * cb) * 32 + lane;
+    for (int v = warp; v < 32; v += nwarp) {
+      float acc = 0.0f;
+      if (c < cols) {
+#pragma unroll 4
+        for (i64 l = v; l < rows; l += 32) acc = add(acc, fabsf(ldf(M(b, l, c))));
+      }
+      part[v][lane] = acc;
     }
-    norms[e] = acc;
+    __syncthreads();
+    if (warp == 0 && c < cols) {
+      float p[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) p[i] = part[i][lane];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        float q[32];
+#pragma unroll
+        for (int i = 0; i < 32; ++i) q[i] = add(p[i], p[i ^ o]);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) p[i] = q[i];
+      }
+      norms[b * cols + c] = p[0];
+    }
+    __syncthreads();
   }
 }
 
