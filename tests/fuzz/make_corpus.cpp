@@ -2,14 +2,17 @@
 //   g++ -std=c++20 -O1 -Iinclude -Itests/fuzz $(pkg-config --cflags eigen3) tests/fuzz/make_corpus.cpp \
 //       -o /tmp/make_corpus && /tmp/make_corpus tests/fuzz/corpus
 // Seeds: valid rank files of the fuzz fixture's Muon and Dion (so the fuzzer starts deep inside
-// load_bytes), a manifest, truncated files, and hand-made hostile headers (C9: size product overflow,
-// offsets past EOF, overlapping and aliasing offsets, header length over the limit, deep nesting,
-// duplicate keys, a huge claimed shape with no data).
+// load_bytes), format 1.1 variants with per-tensor "shard" placements (a whole piece, a piece that
+// leaves a gap in its global tensor, Dion's "transposed"), a manifest, truncated files, and
+// hand-made hostile headers (C9: size product overflow, offsets past EOF, overlapping and aliasing
+// offsets, header length over the limit, deep nesting, duplicate keys, a huge claimed shape with no
+// data).
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -35,6 +38,27 @@ static std::vector<std::byte> st_file(const std::string& header, std::size_t dat
   return v;
 }
 
+/// A rank file rebuilt with its "dion.state" edited by `edit` (which also adds the tensors to the
+/// writer); the metadata checksum is recomputed.
+static std::vector<std::byte> remake(
+    const std::vector<std::byte>& img,
+    const std::function<void(nlohmann::json&, dion::safetensors::Writer&, const dion::safetensors::File&)>& edit) {
+  const auto file = dion::safetensors::File::parse(std::span<const std::byte>(img));
+  auto state = nlohmann::json::parse(*file.metadata("dion.state"));
+  dion::safetensors::Writer w;
+  edit(state, w, file);
+  const std::string t = state.dump();
+  w.set_metadata("format", "dion.checkpoint");
+  w.set_metadata("format_version", state["format_version"].get<std::string>());
+  w.set_metadata("dion.state", t);
+  w.set_metadata("dion.state.crc32c", dion::checkpoint::crc_hex(dion::checkpoint::crc32c(t)));
+  return w.to_bytes();
+}
+static void copy_tensors(dion::safetensors::Writer& w, const dion::safetensors::File& f, const std::string& except = "") {
+  for (const auto& t : f.tensors())
+    if (t.name != except) w.add(t.name, t.dtype, t.shape, f.bytes(t));
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: make_corpus <dir>\n");
@@ -52,6 +76,28 @@ int main(int argc, char** argv) {
   put(dir, "truncated-muon-half.safetensors", std::vector<std::byte>(muon.begin(), muon.begin() + static_cast<long>(muon.size() / 2)));
   put(dir, "truncated-dion-minus1.safetensors", std::vector<std::byte>(dion.begin(), dion.end() - 1));
   put(dir, "truncated-7.bin", std::vector<std::byte>(muon.begin(), muon.begin() + 7));
+  // Format 1.1: "w/momentum" described as a sharded piece covering its whole global tensor (loads),
+  // rows [2, 4) of it only (a gap: "incomplete checkpoint"), and Dion's orientation recorded.
+  put(dir, "valid-muon-1.1-sharded.safetensors", remake(muon, [](auto& s, auto& w, const auto& f) {
+        s["format_version"] = "1.1";
+        s["tensors"]["w/momentum"]["shard"] = {{"offsets", {0, 0}}, {"global_shape", {4, 3}}};
+        s["tensors"]["v/momentum"]["shard"] = {{"offsets", {0, 0}}, {"global_shape", {3, 5}}};
+        copy_tensors(w, f);
+      }));
+  put(dir, "incomplete-muon-1.1-gap.safetensors", remake(muon, [](auto& s, auto& w, const auto& f) {
+        s["format_version"] = "1.1";
+        const auto rows = f.bytes("w/momentum").subspan(6 * sizeof(float));  // rows 2 and 3 of 4x3
+        w.add("w/momentum", dion::safetensors::Dtype::F32, {2, 3}, rows);
+        s["tensors"]["w/momentum"] = {{"crc32c", dion::checkpoint::crc_hex(dion::checkpoint::crc32c(rows))},
+                                      {"shard", {{"offsets", {2, 0}}, {"global_shape", {4, 3}}}}};
+        copy_tensors(w, f, "w/momentum");
+      }));
+  put(dir, "valid-dion-1.1-transposed.safetensors", remake(dion, [](auto& s, auto& w, const auto& f) {
+        s["format_version"] = "1.1";
+        s["params"]["w"]["transposed"] = false;
+        s["params"]["v"]["transposed"] = true;
+        copy_tensors(w, f);
+      }));
   auto flipped = dion;
   flipped[flipped.size() - 3] ^= std::byte{0x40};
   put(dir, "bitflip-payload.safetensors", flipped);

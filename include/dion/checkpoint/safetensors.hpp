@@ -554,36 +554,12 @@ class File {
   static File load(const std::filesystem::path& path,
                    std::uint64_t max_file_bytes = std::numeric_limits<std::uint64_t>::max()) {
     const std::string p = path.string();
-    Fd fd{::open(p.c_str(), O_RDONLY | O_CLOEXEC)};
-    if (fd.fd < 0) throw IoError(concat("safetensors: cannot open '", p, "': ", detail::errno_text(errno)));
-    struct stat st {};
-    if (::fstat(fd.fd, &st) != 0)
-      throw IoError(concat("safetensors: cannot stat '", p, "': ", detail::errno_text(errno)));
-    if (!S_ISREG(st.st_mode)) throw IoError(concat("safetensors: '", p, "' is not a regular file"));
-    const auto size = static_cast<std::uint64_t>(st.st_size);
-    if (size > max_file_bytes)
-      detail::fail("'", p, "' is ", size, " bytes, over the limit of ", max_file_bytes);
-    if (size > std::numeric_limits<std::size_t>::max() / 2)
-      detail::fail("'", p, "' is ", size, " bytes, too large for this address space");
-
+    Fd fd;
+    std::uint64_t size = 0;
     std::array<std::byte, 8> prefix{};
-    const std::size_t got = read_at(fd.fd, prefix.data(), std::min<std::uint64_t>(8, size), 0, p);
-    std::uint64_t n;
-    try {
-      n = parse_header_length(std::span<const std::byte>(prefix.data(), got), size);
-    } catch (const CheckpointError& e) {
-      throw CheckpointError(concat(e.what(), " (file '", p, "')"));
-    }
-    std::string json(static_cast<std::size_t>(n), '\0');
-    if (read_at(fd.fd, json.data(), n, 8, p) != n) detail::fail("'", p, "' shrank while being read");
-    Header h;
-    try {
-      h = parse_header_json(json, size - 8 - n);
-    } catch (const CheckpointIncompatible& e) {
-      throw CheckpointIncompatible(concat(e.what(), " (file '", p, "')"));
-    } catch (const CheckpointError& e) {
-      throw CheckpointError(concat(e.what(), " (file '", p, "')"));
-    }
+    std::string json;
+    Header h = open_header(path, max_file_bytes, fd, size, prefix, json);
+    const std::uint64_t n = json.size();
     auto buf = std::make_shared<std::vector<std::byte>>(static_cast<std::size_t>(size));
     std::memcpy(buf->data(), prefix.data(), 8);
     std::memcpy(buf->data() + 8, json.data(), json.size());
@@ -591,6 +567,17 @@ class File {
     if (read_at(fd.fd, buf->data() + 8 + n, rest, 8 + n, p) != rest)
       detail::fail("'", p, "' is truncated: it shrank while being read");
     return File(std::move(h), std::move(buf));
+  }
+
+  /// Read and validate only the header of a file (length prefix and JSON: tensor entries, metadata,
+  /// offsets against the file's size); the data region is not read. For indexes of large files.
+  static Header load_header(const std::filesystem::path& path,
+                            std::uint64_t max_file_bytes = std::numeric_limits<std::uint64_t>::max()) {
+    Fd fd;
+    std::uint64_t size = 0;
+    std::array<std::byte, 8> prefix{};
+    std::string json;
+    return open_header(path, max_file_bytes, fd, size, prefix, json);
   }
 
   const Header& header() const { return header_; }
@@ -661,6 +648,39 @@ class File {
       if (fd >= 0) ::close(fd);
     }
   };
+
+  // Open `path`, check its size, read and validate the length prefix and the JSON header.
+  static Header open_header(const std::filesystem::path& path, std::uint64_t max_file_bytes, Fd& fd,
+                            std::uint64_t& size, std::array<std::byte, 8>& prefix, std::string& json) {
+    const std::string p = path.string();
+    fd.fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd.fd < 0) throw IoError(concat("safetensors: cannot open '", p, "': ", detail::errno_text(errno)));
+    struct stat st {};
+    if (::fstat(fd.fd, &st) != 0)
+      throw IoError(concat("safetensors: cannot stat '", p, "': ", detail::errno_text(errno)));
+    if (!S_ISREG(st.st_mode)) throw IoError(concat("safetensors: '", p, "' is not a regular file"));
+    size = static_cast<std::uint64_t>(st.st_size);
+    if (size > max_file_bytes)
+      detail::fail("'", p, "' is ", size, " bytes, over the limit of ", max_file_bytes);
+    if (size > std::numeric_limits<std::size_t>::max() / 2)
+      detail::fail("'", p, "' is ", size, " bytes, too large for this address space");
+    const std::size_t got = read_at(fd.fd, prefix.data(), std::min<std::uint64_t>(8, size), 0, p);
+    std::uint64_t n;
+    try {
+      n = parse_header_length(std::span<const std::byte>(prefix.data(), got), size);
+    } catch (const CheckpointError& e) {
+      throw CheckpointError(concat(e.what(), " (file '", p, "')"));
+    }
+    json.assign(static_cast<std::size_t>(n), '\0');
+    if (read_at(fd.fd, json.data(), n, 8, p) != n) detail::fail("'", p, "' shrank while being read");
+    try {
+      return parse_header_json(json, size - 8 - n);
+    } catch (const CheckpointIncompatible& e) {
+      throw CheckpointIncompatible(concat(e.what(), " (file '", p, "')"));
+    } catch (const CheckpointError& e) {
+      throw CheckpointError(concat(e.what(), " (file '", p, "')"));
+    }
+  }
 
   File(Header h, std::shared_ptr<const std::vector<std::byte>> owned) : header_(std::move(h)), owned_(std::move(owned)) {
     buf_ = std::span<const std::byte>(owned_->data(), owned_->size());
