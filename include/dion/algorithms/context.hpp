@@ -40,10 +40,11 @@ struct StepContext {
   const std::int64_t* offs = nullptr;  ///< sharded chunk: first row of every rank, then the global rows
   bool grad_sync = false;            ///< Dion: replicate_mesh_grad_sync
   // Dion: the group's count of steps taken, in backend memory (keys the sketch randomness on the
-  // device, so a skipped step or a graph replay keys it right) and as the host knows it (the CQR
-  // warm-up; on a GPU the host counts step() calls, skipped ones included)
+  // device, so a skipped step or a graph replay keys it right), and the group's step() calls as the
+  // host counts them, skipped ones included (the CQR warm-up: a host decision, taken without
+  // reading the device's skip counter, the same on every backend)
   const float* step_dev = nullptr;
-  std::int64_t taken_step = 0;
+  std::int64_t step_calls = 0;
 };
 
 /// Merges the operations issued while it lives into fewer launches on a batching backend (a no-op

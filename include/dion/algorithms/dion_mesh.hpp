@@ -249,7 +249,7 @@ void dion_mesh_chunk(Ctx& cx, const DionMesh<Comm>& dm) {
     auto P = packed<TM, Space>(bufs.pp, cnt, pl, r);
     auto R = packed<TM, Space>(bufs.rr, cnt, ql, r);
     MT Qw = Q0;
-    const bool use_cqr = o.qr_method == QrMethod::cqr && cx.taken_step > o.cqr_warmup_steps;
+    const bool use_cqr = o.qr_method == QrMethod::cqr && cx.step_calls > o.cqr_warmup_steps;
     // whole matrices on one owner each (the single-process orthonormalizer), over inner
     auto ortho_gathered = [&](TM* in, TM* out, QrMethod method, bool cqr) {
       RowExchange ex(g.Wi, g.mi, cnt, r, g.p_of);

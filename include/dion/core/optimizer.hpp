@@ -1164,8 +1164,10 @@ class Optimizer {
         static_cast<char*>(workspace_.data()), g.step, host_streams_};
     if (ch.algorithm == Algorithm::dion) {
       cx.step_dev = group_step_ptr(ch.group);
-      if constexpr (B::host_visible) cx.taken_step = static_cast<std::int64_t>(*cx.step_dev);
-      else cx.taken_step = g.step;
+      // step() calls of the group, skipped ones included (steps taken + steps skipped): known on the
+      // host without reading the device's skip counter, the same on every backend, and restored
+      // exactly by set_step_count + set_skipped_steps (a checkpoint's load)
+      cx.step_calls = g.step + g.skip_base;
     }
     if constexpr (Comm::distributed) {
       if (ch.algorithm == Algorithm::dion && (ch.layout >= 0 || ch.inner_layout >= 0))

@@ -111,7 +111,7 @@ struct Options {
   int rank_multiple_of = 1;       ///< Dion: round r up to a multiple of this
   int power_iters = 1;            ///< Dion power iterations per step
   QrMethod qr_method = QrMethod::rcqr;  ///< Dion orthonormalization
-  int cqr_warmup_steps = 150;     ///< Dion: cqr uses rcqr for the first steps
+  int cqr_warmup_steps = 150;     ///< Dion: cqr uses rcqr for the first step() calls (skipped ones count)
   double rcqr_oversample = 1.25;  ///< Dion: sketch rows = ceil(oversample·r/128)·128
   Orthogonalizer orthogonalizer = Orthogonalizer::polar_express;
   int ns_steps = 5;               ///< iterations of newton_schulz_const
