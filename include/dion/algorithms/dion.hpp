@@ -21,11 +21,13 @@
 namespace dion::detail {
 
 /// Workspace of a data-parallel Dion chunk: the single-process bytes plus room for the batch of P
-/// padded to a multiple of the replicate size (the all-gather moves equal blocks).
+/// padded to a multiple of the replicate size (the all-gather moves equal blocks) and for this
+/// rank's reduce-scattered block of P (compressed sync).
 template <class Chunk>
 std::int64_t dion_dist_bytes(const Chunk& c, std::int64_t per_matrix, int W) {
   // + the gathered R of a row-sharded chunk and its staging (fp32 upper bound), + alignment
-  return (c.count + W) * per_matrix + 2 * c.count * c.rows * c.r * 4 + 16 * 256 + 4096;
+  const std::int64_t own = (c.count + W - 1) / W * c.p * c.r * 4;
+  return (c.count + W) * per_matrix + 2 * c.count * c.rows * c.r * 4 + own + 17 * 256 + 4096;
 }
 
 /// Compressed synchronization (SPEC §1.5): low rank that pays off; P and R are averaged instead of G.
@@ -69,6 +71,8 @@ void dion_chunk(Ctx& cx) {
     const std::int64_t k = ortho::rcqr_sketch_rows(r, o.rcqr_oversample);
     float* qr_scratch = cv.take<float>(ortho::qr_scratch_floats(ch.count, p, r, k));
     int* zero_flags = cv.take<int>(ch.count);
+    // compressed sync over W > 1 replicas: this rank's reduce-scattered block of P
+    TM* own = W > 1 && comp ? cv.take<TM>((ch.count + W - 1) / W * p * r) : nullptr;
 
     struct Live {
       int param;
@@ -113,7 +117,7 @@ void dion_chunk(Ctx& cx) {
     auto R = packed<TM, Space>(rr, cnt, q, r);
     auto Qw = packed<TM, Space>(qw, cnt, q, r);
 
-    const bool use_cqr = o.qr_method == QrMethod::cqr && cx.taken_step > o.cqr_warmup_steps;
+    const bool use_cqr = o.qr_method == QrMethod::cqr && cx.step_calls > o.cqr_warmup_steps;
     for (int it = 0; it < o.power_iters; ++it) {
       each_gemm([&](const Live& l) {  // P = B·Q
         cx.be.gemm(tr ? Op::T : Op::N, Op::N, 1.0f, Mmat(l), Qw.at(l.pos), 0.0f, P.at(l.pos));
@@ -126,12 +130,24 @@ void dion_chunk(Ctx& cx) {
                               ortho::SketchKey{o.seed, cx.streams.data(), cx.step_dev});
       } else {
         if constexpr (is_distributed_v<Comm>) {
-          // compressed: average P over the replicas; then rank j orthonormalizes the contiguous block
-          // j of the batch (with each matrix's own sketch stream, as a single process would) and
-          // the blocks are all-gathered
-          if (comp) average_in_place(*cx.comm, P);
+          // rank j orthonormalizes the contiguous block j of the batch (with each matrix's own
+          // sketch stream, as a single process would) and the blocks are all-gathered. Compressed:
+          // P is first reduce-scattered (mean) over the replicas in those blocks (the batch padded
+          // with zero matrices to W blocks), so each rank receives only the block it
+          // orthonormalizes: P moves 2·(W−1)/W of its size per rank (reduce-scatter + all-gather),
+          // as much as one all-reduce, and R one all-reduce (SPEC §2.5: (m+n)·r per matrix against
+          // a gradient all-reduce's m·n).
           const std::int64_t per = (cnt + W - 1) / W, e = p * r;
           const std::int64_t lo = std::min<std::int64_t>(me * per, cnt), hi = std::min<std::int64_t>(lo + per, cnt);
+          if (comp) {
+            if (per * W > cnt) cx.be.fill(packed<TM, Space>(pp + cnt * e, per * W - cnt, p, r), 0.0f);
+            if constexpr (std::is_same_v<TM, float> || comm_reduces_bf16_v<Comm>) {
+              cx.comm->reduce_scatter(pp, own, static_cast<std::size_t>(per * e), ReduceOp::avg);
+              cx.be.copy(packed<TM, Space>(own, per, p, r), packed<TM, Space>(pp + me * per * e, per, p, r));
+            } else {
+              average_in_place(*cx.comm, packed<TM, Space>(pp, per * W, p, r));  // bf16 reduced in fp32
+            }
+          }
           if (hi > lo)
             ortho::orthonormalize(cx.be, o.qr_method, use_cqr, o.rcqr_oversample, P.slice(lo, hi - lo), qr_scratch,
                                   ortho::SketchKey{o.seed, cx.streams.data() + lo, cx.step_dev});

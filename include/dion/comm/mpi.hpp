@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "dion/comm/single.hpp"
+#include "dion/comm/stats.hpp"
 #include "dion/core/error.hpp"
 #include "dion/core/view.hpp"
 
@@ -90,6 +91,9 @@ class MpiComm {
   void set_timeout(std::chrono::milliseconds t) { timeout_ = t; }
   /// Collectives issued so far (the sequence number reported on a timeout).
   std::uint64_t sequence() const noexcept { return seq_; }
+  /// Calls and bytes of every collective issued on this rank so far (comm/stats.hpp).
+  const CommStats& stats() const noexcept { return stats_; }
+  void reset_stats() noexcept { stats_.reset(); }
 
   /// True on every rank iff `ok` is true on every rank.
   bool all_agree(bool ok) {
@@ -115,6 +119,7 @@ class MpiComm {
     MPI_Request req;
     start(MPI_Iallreduce(MPI_IN_PLACE, data, as_int(count), detail::mpi_type<T>(), detail::mpi_op(op), comm_, &req),
           "MPI_Iallreduce");
+    stats_.record(CommStats::all_reduce, count * sizeof(T), size_);
     wait(req, "all_reduce", count * sizeof(T));
     if (op == ReduceOp::avg) {
       if constexpr (std::is_floating_point_v<T>)
@@ -125,6 +130,7 @@ class MpiComm {
   void broadcast(T* data, std::size_t count, int root) {
     MPI_Request req;
     start(MPI_Ibcast(data, as_int(count), detail::mpi_type<T>(), root, comm_, &req), "MPI_Ibcast");
+    stats_.record(CommStats::broadcast, count * sizeof(T), size_);
     wait(req, "broadcast", count * sizeof(T));
   }
   /// recv (size·count elements) ← every rank's `count` elements of send, in rank order.
@@ -134,6 +140,7 @@ class MpiComm {
     start(MPI_Iallgather(send, as_int(count), detail::mpi_type<T>(), recv, as_int(count), detail::mpi_type<T>(), comm_,
                          &req),
           "MPI_Iallgather");
+    stats_.record(CommStats::all_gather, count * sizeof(T) * static_cast<std::size_t>(size_), size_);
     wait(req, "all_gather", count * sizeof(T) * static_cast<std::size_t>(size_));
   }
   /// In place: buf holds size·count elements; this rank's block (at rank·count) is sent, every
@@ -143,6 +150,7 @@ class MpiComm {
     MPI_Request req;
     start(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, as_int(count), detail::mpi_type<T>(), comm_, &req),
           "MPI_Iallgather");
+    stats_.record(CommStats::all_gather, count * sizeof(T) * static_cast<std::size_t>(size_), size_);
     wait(req, "all_gather", count * sizeof(T) * static_cast<std::size_t>(size_));
   }
   /// recv (count) ← the sum over ranks of block `rank` of send (size·count elements).
@@ -152,6 +160,7 @@ class MpiComm {
     MPI_Request req;
     start(MPI_Ireduce_scatter_block(send, recv, as_int(count), detail::mpi_type<T>(), detail::mpi_op(op), comm_, &req),
           "MPI_Ireduce_scatter_block");
+    stats_.record(CommStats::reduce_scatter, count * sizeof(T) * static_cast<std::size_t>(size_), size_);
     wait(req, "reduce_scatter", count * sizeof(T) * static_cast<std::size_t>(size_));
     if (op == ReduceOp::avg) {
       if constexpr (std::is_floating_point_v<T>)
@@ -171,6 +180,8 @@ class MpiComm {
           "MPI_Ialltoallv");
     std::size_t bytes = 0;
     for (int c : send_counts) bytes += static_cast<std::size_t>(c) * sizeof(T);
+    stats_.record(CommStats::all_to_all, bytes, size_,
+                  bytes - static_cast<std::size_t>(send_counts[static_cast<std::size_t>(rank_)]) * sizeof(T));
     wait(req, "all_to_all_v", bytes);
   }
 
@@ -182,6 +193,7 @@ class MpiComm {
     std::swap(timeout_, o.timeout_);
     std::swap(poisoned_, o.poisoned_);
     std::swap(seq_, o.seq_);
+    std::swap(stats_, o.stats_);
   }
   static int as_int(std::size_t n) {
     DION_CHECK(n <= static_cast<std::size_t>(INT32_MAX), InvalidArgument, "MpiComm: count ", n,
@@ -233,6 +245,7 @@ class MpiComm {
   std::chrono::milliseconds timeout_{300000};
   bool poisoned_ = false;
   std::uint64_t seq_ = 0;
+  CommStats stats_;
 };
 
 }  // namespace dion

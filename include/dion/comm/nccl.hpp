@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "dion/comm/single.hpp"
+#include "dion/comm/stats.hpp"
 #include "dion/core/bf16.hpp"
 #include "dion/core/error.hpp"
 #include "dion/core/view.hpp"
@@ -92,6 +93,10 @@ class NcclComm {
   std::chrono::milliseconds timeout() const noexcept { return timeout_; }
   void set_timeout(std::chrono::milliseconds t) { timeout_ = t; }
   std::uint64_t sequence() const noexcept { return seq_; }
+  /// Calls and bytes of every collective issued on this rank so far (comm/stats.hpp); counted when
+  /// the collective is enqueued.
+  const CommStats& stats() const noexcept { return stats_; }
+  void reset_stats() noexcept { stats_.reset(); }
 
   /// True on every rank iff `ok` is true on every rank (waits for the result, with the deadline).
   bool all_agree(bool ok) {
@@ -110,21 +115,25 @@ class NcclComm {
   /// In place on `count` elements of device memory, enqueued on the stream.
   template <class T>
   void all_reduce(T* data, std::size_t count, ReduceOp op) {
+    stats_.record(CommStats::all_reduce, count * sizeof(T), size_);
     issue(ncclAllReduce(data, data, count, detail::nccl_type<T>(), detail::nccl_op(op), comm_, stream_),
           "ncclAllReduce");
   }
   template <class T>
   void broadcast(T* data, std::size_t count, int root) {
+    stats_.record(CommStats::broadcast, count * sizeof(T), size_);
     issue(ncclBroadcast(data, data, count, detail::nccl_type<T>(), root, comm_, stream_), "ncclBroadcast");
   }
   /// recv (size·count) ← every rank's `count` elements of send, in rank order.
   template <class T>
   void all_gather(const T* send, T* recv, std::size_t count) {
+    stats_.record(CommStats::all_gather, count * sizeof(T) * static_cast<std::size_t>(size_), size_);
     issue(ncclAllGather(send, recv, count, detail::nccl_type<T>(), comm_, stream_), "ncclAllGather");
   }
   /// In place: this rank's block sits at buf + rank·count (NCCL's in-place all-gather).
   template <class T>
   void all_gather_inplace(T* buf, std::size_t count) {
+    stats_.record(CommStats::all_gather, count * sizeof(T) * static_cast<std::size_t>(size_), size_);
     issue(ncclAllGather(buf + static_cast<std::size_t>(rank_) * count, buf, count, detail::nccl_type<T>(), comm_,
                         stream_),
           "ncclAllGather");
@@ -132,6 +141,7 @@ class NcclComm {
   /// recv (count) ← reduction over ranks of block `rank` of send (size·count elements).
   template <class T>
   void reduce_scatter(const T* send, T* recv, std::size_t count, ReduceOp op) {
+    stats_.record(CommStats::reduce_scatter, count * sizeof(T) * static_cast<std::size_t>(size_), size_);
     issue(ncclReduceScatter(send, recv, count, detail::nccl_type<T>(), detail::nccl_op(op), comm_, stream_),
           "ncclReduceScatter");
   }
@@ -157,6 +167,10 @@ class NcclComm {
                                         stream_));
     }
     finish("all_to_all_v", ncclGroupEnd());
+    std::size_t bytes = 0;
+    for (int c : send_counts) bytes += static_cast<std::size_t>(c) * sizeof(T);
+    stats_.record(CommStats::all_to_all, bytes, size_,
+                  bytes - static_cast<std::size_t>(send_counts[static_cast<std::size_t>(rank_)]) * sizeof(T));
   }
 
   /// Wait (with the deadline) until everything enqueued on the stream so far has completed.
@@ -202,6 +216,7 @@ class NcclComm {
     std::swap(timeout_, o.timeout_);
     std::swap(poisoned_, o.poisoned_);
     std::swap(seq_, o.seq_);
+    std::swap(stats_, o.stats_);
     std::swap(scratch_, o.scratch_);
     std::swap(scratch_bytes_, o.scratch_bytes_);
   }
@@ -298,6 +313,7 @@ class NcclComm {
   std::chrono::milliseconds timeout_{300000};
   bool poisoned_ = false;
   std::uint64_t seq_ = 0;
+  CommStats stats_;
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
 };
