@@ -1,5 +1,5 @@
 // Helpers of dion's MPI tests: deterministic data, the single-process reference run, FSDP row
-// shards, and rank agreement for checks (RELIABILITY.md §4: never REQUIRE between collectives on
+// and column shards, and rank agreement for checks (RELIABILITY.md §4: never REQUIRE between collectives on
 // one rank only; reduce first, then CHECK on every rank).
 #pragma once
 
@@ -40,13 +40,24 @@ inline int sum_over_ranks(int v) {
 }
 
 /// A parameter of the test model: a 2-D (rows, cols) or 3-D (batch, rows, cols) matrix.
+/// `transposed`: its values (initial and gradients) are those of the (batch, cols, rows) tensor of
+/// the same name, each matrix transposed (an oracle: an algorithm on A against one on Aᵀ).
 struct PSpec {
   std::string name;
   std::int64_t batch = 1, rows = 0, cols = 0;
   bool three_d = false;
+  bool transposed = false;
   std::int64_t numel() const { return batch * rows * cols; }
-  dion::Shape shape(std::int64_t r) const {
-    return three_d ? dion::Shape{batch, r, cols} : dion::Shape{r, cols};
+  dion::Shape shape(std::int64_t r) const { return shape(r, cols); }
+  dion::Shape shape(std::int64_t r, std::int64_t c) const {
+    return three_d ? dion::Shape{batch, r, c} : dion::Shape{r, c};
+  }
+  /// The spec of the transposed tensor (same name, same values transposed).
+  PSpec t() const {
+    PSpec q = *this;
+    std::swap(q.rows, q.cols);
+    q.transposed = !transposed;
+    return q;
   }
 };
 
@@ -61,10 +72,23 @@ inline std::vector<float> values(const std::string& name, std::uint64_t salt, st
   return v;
 }
 
+/// The full (batch, rows, cols) tensor of p for `salt` (transposed per matrix when p.transposed).
+inline std::vector<float> tensor_values(const PSpec& p, std::uint64_t salt) {
+  auto v = values(p.name, salt, static_cast<std::size_t>(p.numel()));
+  if (!p.transposed) return v;
+  std::vector<float> t(v.size());
+  for (std::int64_t m = 0; m < p.batch; ++m)  // v holds (batch, cols, rows)
+    for (std::int64_t i = 0; i < p.rows; ++i)
+      for (std::int64_t j = 0; j < p.cols; ++j)
+        t[static_cast<std::size_t>((m * p.rows + i) * p.cols + j)] = v[static_cast<std::size_t>((m * p.cols + j) * p.rows + i)];
+  return t;
+}
+/// The initial values of parameter p.
+inline std::vector<float> init_values(const PSpec& p) { return tensor_values(p, 7); }
+
 /// Gradient of parameter `name` at `step` as seen by `rank` (rank = -1: the same on every rank).
 inline std::vector<float> grad_values(const PSpec& p, int step, int rank) {
-  return values(p.name, 1000u + static_cast<std::uint64_t>(step) * 64u + static_cast<std::uint64_t>(rank + 1),
-                static_cast<std::size_t>(p.numel()));
+  return tensor_values(p, 1000u + static_cast<std::uint64_t>(step) * 64u + static_cast<std::uint64_t>(rank + 1));
 }
 
 /// FSDP chunking of `rows` over W ranks: rank r holds [min(r·c, rows), min((r+1)·c, rows)), c = ⌈rows/W⌉.
@@ -81,6 +105,15 @@ inline std::vector<float> take_rows(const std::vector<float>& full, const PSpec&
     for (std::int64_t i = a; i < b; ++i)
       for (std::int64_t j = 0; j < p.cols; ++j)
         out.push_back(full[static_cast<std::size_t>((m * p.rows + i) * p.cols + j)]);
+  return out;
+}
+/// Columns [a, b) of every matrix of a full (batch, rows, cols) tensor.
+inline std::vector<float> take_cols(const std::vector<float>& full, const PSpec& p, std::int64_t a, std::int64_t b) {
+  std::vector<float> out;
+  out.reserve(static_cast<std::size_t>(p.batch * p.rows * (b - a)));
+  for (std::int64_t m = 0; m < p.batch; ++m)
+    for (std::int64_t i = 0; i < p.rows; ++i)
+      for (std::int64_t j = a; j < b; ++j) out.push_back(full[static_cast<std::size_t>((m * p.rows + i) * p.cols + j)]);
   return out;
 }
 inline double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
@@ -124,25 +157,42 @@ inline std::vector<float> mean_grad(const PSpec& p, int step, int W) {
   return out;
 }
 
-/// The single-process reference: plain dion::<Opt><EigenBackend> on the full tensors. Returns the
-/// parameters after `feed.steps` steps (and the momentum when `momenta` is given).
-template <class Opt>
+/// Values rounded to the element type T of a test run (float: unchanged; bf16: round to nearest even).
+template <class T>
+std::vector<T> as_elems(const std::vector<float>& v) {
+  std::vector<T> out;
+  out.reserve(v.size());
+  for (float f : v) out.push_back(T(f));
+  return out;
+}
+template <class T>
+std::vector<float> as_floats(const std::vector<T>& v) {
+  std::vector<float> out;
+  out.reserve(v.size());
+  for (const T& e : v) out.push_back(static_cast<float>(e));
+  return out;
+}
+
+/// The single-process reference: plain dion::<Opt><EigenBackend> on the full tensors, parameters
+/// and gradients of element type T (float or dion::bf16). Returns the parameters after
+/// `feed.steps` steps (and the momentum when `momenta` is given).
+template <class Opt, class T = float>
 std::vector<std::vector<float>> run_single(const std::vector<PSpec>& specs, const dion::Options& opts, const Feed& feed,
                                            int W, std::vector<std::vector<float>>* momenta = nullptr,
                                            const char* key = "momentum") {
   dion::EigenBackend be;
-  std::vector<std::vector<float>> x(specs.size()), g(specs.size());
+  std::vector<std::vector<T>> x(specs.size()), g(specs.size());
   Opt opt{be, opts};
   auto grp = opt.add_group();
   for (std::size_t i = 0; i < specs.size(); ++i) {
-    x[i] = values(specs[i].name, 7, static_cast<std::size_t>(specs[i].numel()));
-    g[i].assign(x[i].size(), 0.0f);
+    x[i] = as_elems<T>(init_values(specs[i]));
+    g[i].assign(x[i].size(), T(0.0f));
     grp.add(specs[i].name, dion::host_view(x[i].data(), specs[i].shape(specs[i].rows)),
             dion::host_view(g[i].data(), specs[i].shape(specs[i].rows)));
   }
   for (int s = 1; s <= feed.steps; ++s) {
     for (std::size_t i = 0; i < specs.size(); ++i) {
-      g[i] = feed.per_rank_grads ? mean_grad(specs[i], s, W) : grad_values(specs[i], s, -1);
+      g[i] = as_elems<T>(feed.per_rank_grads ? mean_grad(specs[i], s, W) : grad_values(specs[i], s, -1));
       if (feed.drop_second_on_step2 && s == 2 && i == 1) opt.clear_grad(specs[i].name);
       else opt.set_grad(specs[i].name, dion::host_view(g[i].data(), specs[i].shape(specs[i].rows)));
     }
@@ -152,22 +202,47 @@ std::vector<std::vector<float>> run_single(const std::vector<PSpec>& specs, cons
     momenta->clear();
     for (const auto& p : specs) momenta->push_back(opt.read_state(p.name + "/" + key));
   }
-  return x;
+  std::vector<std::vector<float>> out;
+  for (const auto& v : x) out.push_back(as_floats(v));
+  return out;
 }
 
-enum class Layout { ddp, fsdp };
+/// How a distributed test run lays out its parameters: DDP (whole on every rank), FSDP rows
+/// (ShardSpec dim -2) or FSDP columns (dim -1), both with FSDP's contiguous chunking.
+enum class Layout { ddp, fsdp, fsdp_cols };
+
+/// The [a, b) of p's sharded dim this rank holds (the whole dim for DDP).
+inline std::pair<std::int64_t, std::int64_t> local_range(const PSpec& p, Layout layout, int W, int me) {
+  if (layout == Layout::fsdp) return fsdp_rows(p.rows, W, me);
+  if (layout == Layout::fsdp_cols) return fsdp_rows(p.cols, W, me);
+  return {0, p.rows};
+}
+/// This rank's piece [a, b) (from local_range) of a full tensor of p.
+inline std::vector<float> take_local(const std::vector<float>& full, const PSpec& p, Layout layout, std::int64_t a,
+                                     std::int64_t b) {
+  return layout == Layout::fsdp_cols ? take_cols(full, p, a, b) : take_rows(full, p, a, b);
+}
+inline dion::Shape local_shape(const PSpec& p, Layout layout, std::int64_t a, std::int64_t b) {
+  return layout == Layout::fsdp_cols ? p.shape(p.rows, b - a) : p.shape(b - a);
+}
+inline dion::ShardSpec local_spec(const PSpec& p, Layout layout, std::int64_t a, std::int64_t b) {
+  if (layout == Layout::fsdp) return {.dim = -2, .global_length = p.rows, .offset = a, .local_length = b - a};
+  if (layout == Layout::fsdp_cols) return {.dim = -1, .global_length = p.cols, .offset = a, .local_length = b - a};
+  return {};
+}
 
 /// The distributed run: Mesh{.replicate} (DDP, full tensors on every rank) or Mesh{.outer_shard}
-/// (FSDP, rows sharded with FSDP chunking). Returns this rank's (local) parameters.
-template <class Opt>
+/// (FSDP, rows or columns sharded with FSDP chunking), parameters and gradients of element type T.
+/// Returns this rank's (local) parameters.
+template <class Opt, class T = float>
 std::vector<std::vector<float>> run_dist(const std::vector<PSpec>& specs, const dion::Options& opts, const Feed& feed,
                                          Layout layout, dion::MpiComm& comm,
                                          std::vector<std::vector<float>>* momenta = nullptr, bool sync_ckpt = false,
                                          const char* key = "momentum") {
   const int W = comm.size(), me = comm.rank();
   dion::EigenBackend be;
-  std::vector<std::vector<float>> x(specs.size()), g(specs.size());
-  std::vector<std::pair<std::int64_t, std::int64_t>> rows(specs.size());
+  std::vector<std::vector<T>> x(specs.size()), g(specs.size());
+  std::vector<std::pair<std::int64_t, std::int64_t>> range(specs.size());
   dion::Mesh<dion::MpiComm> mesh;
   if (layout == Layout::ddp) mesh.replicate = &comm;
   else mesh.outer_shard = &comm;
@@ -175,22 +250,20 @@ std::vector<std::vector<float>> run_dist(const std::vector<PSpec>& specs, const 
   auto grp = opt.add_group();
   for (std::size_t i = 0; i < specs.size(); ++i) {
     const auto& p = specs[i];
-    const auto full = values(p.name, 7, static_cast<std::size_t>(p.numel()));
-    rows[i] = layout == Layout::fsdp ? fsdp_rows(p.rows, W, me) : std::pair<std::int64_t, std::int64_t>{0, p.rows};
-    const auto [a, b] = rows[i];
-    x[i] = take_rows(full, p, a, b);
-    g[i].assign(x[i].size(), 0.0f);
-    dion::ShardSpec sh;
-    if (layout == Layout::fsdp) sh = {.dim = -2, .global_length = p.rows, .offset = a, .local_length = b - a};
-    grp.add(p.name, dion::host_view(x[i].data(), p.shape(b - a)), dion::host_view(g[i].data(), p.shape(b - a)), sh);
+    range[i] = local_range(p, layout, W, me);
+    const auto [a, b] = range[i];
+    x[i] = as_elems<T>(take_local(init_values(p), p, layout, a, b));
+    g[i].assign(x[i].size(), T(0.0f));
+    const dion::Shape sh = local_shape(p, layout, a, b);
+    grp.add(p.name, dion::host_view(x[i].data(), sh), dion::host_view(g[i].data(), sh), local_spec(p, layout, a, b));
   }
   for (int s = 1; s <= feed.steps; ++s) {
     for (std::size_t i = 0; i < specs.size(); ++i) {
       const auto& p = specs[i];
-      const auto full = grad_values(p, s, feed.per_rank_grads ? me : -1);
-      g[i] = take_rows(full, p, rows[i].first, rows[i].second);
+      const auto [a, b] = range[i];
+      g[i] = as_elems<T>(take_local(grad_values(p, s, feed.per_rank_grads ? me : -1), p, layout, a, b));
       if (feed.drop_second_on_step2 && s == 2 && i == 1) opt.clear_grad(p.name);
-      else opt.set_grad(p.name, dion::host_view(g[i].data(), p.shape(rows[i].second - rows[i].first)));
+      else opt.set_grad(p.name, dion::host_view(g[i].data(), local_shape(p, layout, a, b)));
     }
     opt.step();
   }
@@ -199,7 +272,9 @@ std::vector<std::vector<float>> run_dist(const std::vector<PSpec>& specs, const 
     momenta->clear();
     for (const auto& p : specs) momenta->push_back(opt.read_state(p.name + "/" + key));
   }
-  return x;
+  std::vector<std::vector<float>> out;
+  for (const auto& v : x) out.push_back(as_floats(v));
+  return out;
 }
 
 }  // namespace dion_mpi_test

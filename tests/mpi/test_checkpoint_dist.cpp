@@ -4,9 +4,9 @@
 // A run at world size W saves at W and loads at every W' <= W (the first W' ranks of MPI_COMM_WORLD,
 // split off as a communicator, and a plain single-process optimizer on rank 0), and saves at every
 // W' < W (and in a single process) and loads at W: over the runs at 1, 2, 3 and 4 ranks every pair
-// (W, W') of {single, 1, 2, 3, 4} is covered, in DDP and FSDP layouts (uneven and empty shards,
-// 3-D parameters, element-wise sharded Lion/AdamW parameters) and across layouts (FSDP -> DDP,
-// DDP -> FSDP). Every state tensor is gathered into its global tensor (MPI_Allgatherv) after the
+// (W, W') of {single, 1, 2, 3, 4} is covered, in DDP and FSDP layouts (row and column shards,
+// uneven and empty shards, 3-D parameters, element-wise sharded Lion/AdamW parameters) and across
+// layouts (FSDP -> DDP, DDP -> FSDP, FSDP rows -> FSDP columns). Every state tensor is gathered into its global tensor (MPI_Allgatherv) after the
 // save and after the load: they must be equal bitwise (C11), with the step and skip counters. Then
 // M more steps must give the parameters of the uninterrupted single-process run: bitwise where the
 // distributed variant itself is (SPEC §2.7: the Muon family's DDP, Muon's FSDP), else within that
@@ -119,6 +119,36 @@ std::vector<float> gather_rows(const std::vector<float>& local, std::int64_t bat
   }
   return full;
 }
+/// The global (batch, rows, cols) tensor from every member's columns [a, b) over `c` (every member
+/// knows rows and cols; a member with none contributes nothing).
+std::vector<float> gather_cols(const std::vector<float>& local, std::int64_t batch, std::int64_t rows, std::int64_t cols,
+                               std::int64_t a, std::int64_t b, MPI_Comm c) {
+  int n = 1;
+  MPI_Comm_size(c, &n);
+  long long mine[2] = {a, b};
+  std::vector<long long> all(2 * static_cast<std::size_t>(n));
+  MPI_Allgather(mine, 2, MPI_LONG_LONG, all.data(), 2, MPI_LONG_LONG, c);
+  std::vector<int> counts(static_cast<std::size_t>(n)), displs(static_cast<std::size_t>(n));
+  int total = 0;
+  for (int j = 0; j < n; ++j) {
+    counts[static_cast<std::size_t>(j)] =
+        static_cast<int>(batch * rows * (all[2 * static_cast<std::size_t>(j) + 1] - all[2 * static_cast<std::size_t>(j)]));
+    displs[static_cast<std::size_t>(j)] = total;
+    total += counts[static_cast<std::size_t>(j)];
+  }
+  std::vector<float> buf(static_cast<std::size_t>(total));
+  MPI_Allgatherv(local.data(), static_cast<int>(local.size()), MPI_FLOAT, buf.data(), counts.data(), displs.data(),
+                 MPI_FLOAT, c);
+  std::vector<float> full(static_cast<std::size_t>(batch * rows * cols));
+  for (int j = 0; j < n; ++j) {
+    const long long ja = all[2 * static_cast<std::size_t>(j)], jb = all[2 * static_cast<std::size_t>(j) + 1];
+    const float* src = buf.data() + displs[static_cast<std::size_t>(j)];
+    for (long long m = 0; m < batch; ++m)
+      for (long long i = 0; i < rows; ++i)
+        for (long long k = ja; k < jb; ++k) full[static_cast<std::size_t>((m * rows + i) * cols + k)] = *src++;
+  }
+  return full;
+}
 
 using TensorMap = std::map<std::string, std::vector<float>>;
 
@@ -151,7 +181,8 @@ void bcast_map(TensorMap& m) {
 // The test model and its runs.
 
 /// A parameter: a (rows, cols) or (batch, rows, cols) matrix, or a vector of `cols` elements. FSDP
-/// shards matrices along their rows and vectors along their elements (FSDP's contiguous chunks).
+/// shards matrices along their rows (Lay::fsdp) or columns (Lay::fsdp_cols) and vectors along
+/// their elements (FSDP's contiguous chunks).
 struct TP {
   std::string name;
   int group = 0;  // 0: the optimizer's algorithm, 1: adamw, 2: lion
@@ -171,16 +202,31 @@ struct TP {
         for (std::int64_t j = 0; j < cols; ++j) out.push_back(full[static_cast<std::size_t>((m * rows + i) * cols + j)]);
     return out;
   }
+  // column shards (a vector: its elements)
+  std::int64_t extent(bool by_cols) const { return by_cols ? cols : extent(); }
+  dion::Shape shape(std::int64_t n, bool by_cols) const {
+    if (!by_cols || vec) return shape(n);
+    return three_d ? dion::Shape{batch, rows, n} : dion::Shape{rows, n};
+  }
+  std::vector<float> slice(const std::vector<float>& full, std::int64_t a, std::int64_t b, bool by_cols) const {
+    if (!by_cols || vec) return slice(full, a, b);
+    std::vector<float> out;
+    for (std::int64_t m = 0; m < batch; ++m)
+      for (std::int64_t i = 0; i < rows; ++i)
+        for (std::int64_t j = a; j < b; ++j) out.push_back(full[static_cast<std::size_t>((m * rows + i) * cols + j)]);
+    return out;
+  }
 };
 
-enum class Lay { single, ddp, fsdp };
+enum class Lay { single, ddp, fsdp, fsdp_cols };  // fsdp: matrices row-sharded; fsdp_cols: column-sharded
 /// Where a run happens: a plain single-process optimizer on world rank 0, or the first n ranks.
 struct Where {
   int n = 0;
   Lay lay = Lay::single;
   std::string str() const {
     return lay == Lay::single ? std::string("single process")
-                              : std::to_string(n) + (n == 1 ? " rank " : " ranks ") + (lay == Lay::ddp ? "DDP" : "FSDP");
+                              : std::to_string(n) + (n == 1 ? " rank " : " ranks ") +
+                                    (lay == Lay::ddp ? "DDP" : lay == Lay::fsdp ? "FSDP" : "FSDP (column shards)");
   }
 };
 
@@ -231,7 +277,7 @@ template <class O>
 std::pair<Snap, Snap> body(const Setup& su, Where wh, const TensorMap& init, int from, int to, const fs::path* load_dir,
                            const fs::path* save_dir, dion::MpiComm* comm, MPI_Comm mc, int grads_world) {
   const int W = comm ? comm->size() : 1, me = comm ? comm->rank() : 0;
-  const bool fsdp = wh.lay == Lay::fsdp;
+  const bool fsdp = wh.lay == Lay::fsdp || wh.lay == Lay::fsdp_cols, by_cols = wh.lay == Lay::fsdp_cols;
   dion::EigenBackend be;
   std::unique_ptr<O> opt;
   if constexpr (O::comm_type::distributed) {
@@ -248,23 +294,28 @@ std::pair<Snap, Snap> body(const Setup& su, Where wh, const TensorMap& init, int
   std::vector<std::pair<std::int64_t, std::int64_t>> range(su.ps.size());
   for (std::size_t i = 0; i < su.ps.size(); ++i) {
     const TP& p = su.ps[i];
-    range[i] = fsdp ? fsdp_rows(p.extent(), W, me) : std::pair<std::int64_t, std::int64_t>{0, p.extent()};
+    const std::int64_t ext = p.extent(by_cols);
+    range[i] = fsdp ? fsdp_rows(ext, W, me) : std::pair<std::int64_t, std::int64_t>{0, p.extent()};
     const auto [a, b] = range[i];
-    x[i] = p.slice(init.at(p.name), a, b);
+    x[i] = p.slice(init.at(p.name), a, b, by_cols);
     g[i].assign(x[i].size(), 0.0f);
     dion::ShardSpec sh;
-    if (fsdp) sh = {.dim = p.vec ? -1 : -2, .global_length = p.extent(), .offset = a, .local_length = b - a};
-    groups[static_cast<std::size_t>(p.group)].add(p.name, dion::host_view(x[i].data(), p.shape(b - a)),
-                                                  dion::host_view(g[i].data(), p.shape(b - a)), sh);
+    if (fsdp) sh = {.dim = p.vec || by_cols ? -1 : -2, .global_length = ext, .offset = a, .local_length = b - a};
+    groups[static_cast<std::size_t>(p.group)].add(p.name, dion::host_view(x[i].data(), p.shape(b - a, by_cols)),
+                                                  dion::host_view(g[i].data(), p.shape(b - a, by_cols)), sh);
   }
+  // the global tensor of a parameter-shaped local piece
+  auto gather = [&](const std::vector<float>& local, const TP& p, std::size_t i) {
+    if (by_cols && !p.vec)
+      return gather_cols(local, p.batch, p.rows, p.cols, range[i].first, range[i].second, mc);
+    return gather_rows(local, p.vec ? 1 : p.batch, p.extent(), range[i].first, range[i].second, mc);
+  };
   auto snapshot = [&] {
     Snap s;
     s.ran = true;
     for (std::size_t i = 0; i < su.ps.size(); ++i) {
       const TP& p = su.ps[i];
-      s.params[p.name] = mc == MPI_COMM_NULL || !fsdp
-                             ? x[i]
-                             : gather_rows(x[i], p.vec ? 1 : p.batch, p.extent(), range[i].first, range[i].second, mc);
+      s.params[p.name] = mc == MPI_COMM_NULL || !fsdp ? x[i] : gather(x[i], p, i);
     }
     for (const auto& r : opt->state()) {
       const auto local = opt->read_state(r.name);
@@ -273,10 +324,10 @@ std::pair<Snap, Snap> body(const Setup& su, Where wh, const TensorMap& init, int
       while (su.ps[i].name != pname) ++i;
       const TP& p = su.ps[i];
       const bool sharded = fsdp && mc != MPI_COMM_NULL && r.key != "step_dev";
-      // Q of a row-sharded Dion matrix is (rows, r): one "batch"
-      s.state[r.name] = sharded ? gather_rows(local, (p.vec || r.key == "Q") ? 1 : p.batch, p.extent(),
-                                              range[i].first, range[i].second, mc)
-                                : local;
+      // Q of a row-sharded Dion matrix is (rows, r): one "batch" (column shards: Muon only here)
+      s.state[r.name] = !sharded ? local
+                        : r.key == "Q" ? gather_rows(local, 1, p.extent(), range[i].first, range[i].second, mc)
+                                       : gather(local, p, i);
     }
     for (int gi = 0; gi < opt->num_groups(); ++gi) s.steps.push_back(opt->step_count(gi));
     s.skipped = opt->skipped_steps();
@@ -291,7 +342,7 @@ std::pair<Snap, Snap> body(const Setup& su, Where wh, const TensorMap& init, int
         const TP& p = su.ps[i];
         auto full = grad_of(p, s, su.per_rank_grads && comm ? me : -1, grads_world, su.per_rank_grads);
         if (s == su.nan_step && i == 0) full.back() = std::nanf("");
-        const auto local = p.slice(full, range[i].first, range[i].second);
+        const auto local = p.slice(full, range[i].first, range[i].second, by_cols);
         std::copy(local.begin(), local.end(), g[i].begin());
       }
       opt->step();
@@ -682,6 +733,18 @@ TEST_CASE("checkpoint (MPI): Muon family reshards bitwise: save at W, load at W'
                              0.0);
   check_reshard<dion::NorDion2>("nordion2 ddp -> ddp", {muon_model(), {.lr = 0.02f, .fraction = 0.35}, 1}, Lay::ddp,
                                 Lay::ddp, 0.0);
+}
+
+TEST_CASE("checkpoint (MPI): column-sharded Muon reshards bitwise (W <-> one process, rows <-> columns)",
+          "[mpi][checkpoint][reshard][cols]") {
+  // Matrices sharded along their columns (ShardSpec dim -1; the AdamW vector along its elements,
+  // the Lion matrix along its columns too): a state tensor's box in its global tensor is cut along
+  // the last dim. Saved at W, loaded at every W' <= W and in one process; saved in one process and
+  // at every W' < W, loaded at W; and between row and column shards. Column-sharded Muon is
+  // bitwise one process (test_distributed.cpp), so the continuation is compared bitwise.
+  Setup su{muon_model(), {.lr = 0.02f}, /*nan_step=*/1};
+  check_reshard<dion::Muon>("muon fsdp cols -> fsdp cols", su, Lay::fsdp_cols, Lay::fsdp_cols, 0.0);
+  check_reshard<dion::Muon>("muon fsdp rows -> fsdp cols", su, Lay::fsdp, Lay::fsdp_cols, 0.0);
 }
 
 TEST_CASE("checkpoint (MPI): sharded NorMuon / NorDion2 state (variance_neuron) reshards exactly",

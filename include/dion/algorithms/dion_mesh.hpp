@@ -163,12 +163,12 @@ template <class Comm, class T>
 std::vector<int> all_gather_uneven(Comm& comm, const T* send, std::int64_t mine, T* recv,
                                    const std::vector<std::int64_t>& counts) {
   const int W = comm.size();
-  std::vector<int> sc(static_cast<std::size_t>(W), RowExchange::as_count(mine)), sd(static_cast<std::size_t>(W), 0),
+  std::vector<int> sc(static_cast<std::size_t>(W), SliceExchange::as_count(mine)), sd(static_cast<std::size_t>(W), 0),
       rc(static_cast<std::size_t>(W)), rd(static_cast<std::size_t>(W));
   std::int64_t at = 0;
   for (int j = 0; j < W; ++j) {
-    rc[static_cast<std::size_t>(j)] = RowExchange::as_count(counts[static_cast<std::size_t>(j)]);
-    rd[static_cast<std::size_t>(j)] = RowExchange::as_count(at);
+    rc[static_cast<std::size_t>(j)] = SliceExchange::as_count(counts[static_cast<std::size_t>(j)]);
+    rd[static_cast<std::size_t>(j)] = SliceExchange::as_count(at);
     at += counts[static_cast<std::size_t>(j)];
   }
   comm.all_to_all_v(send, sc, sd, recv, rc, rd);
@@ -252,7 +252,7 @@ void dion_mesh_chunk(Ctx& cx, const DionMesh<Comm>& dm) {
     const bool use_cqr = o.qr_method == QrMethod::cqr && cx.step_calls > o.cqr_warmup_steps;
     // whole matrices on one owner each (the single-process orthonormalizer), over inner
     auto ortho_gathered = [&](TM* in, TM* out, QrMethod method, bool cqr) {
-      RowExchange ex(g.Wi, g.mi, cnt, r, g.p_of);
+      SliceExchange ex(g.Wi, g.mi, cnt, r, g.p_of);
       ex.template unshard<Comm, Be, TM, Space>(*inner, be, in, bufs.ostage, bufs.oasm);
       const std::int64_t own = ex.owned(g.mi), f = ex.first_owned(g.mi);
       if (own > 0)

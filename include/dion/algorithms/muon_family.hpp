@@ -32,7 +32,7 @@ struct MuonDistBufs {
   std::int64_t* gidx = nullptr;   // the owner's global selections
   std::int64_t* ix_send = nullptr;  // (count, local indices) per matrix per rank
   std::int64_t* ix_recv = nullptr;
-  OrthoT* u_sel = nullptr;      // the rows a rank receives back (compact, zero-padded)
+  OrthoT* u_sel = nullptr;      // the selected slices a rank is sent back (compact, zero-padded)
   std::int64_t end = 0;
 };
 
@@ -55,25 +55,27 @@ MuonDistBufs<OrthoT> muon_dist_carve(char* base, const Chunk& ch, int W, const s
     take(b.norms, N);
     if (selective) take(b.idx, N * ch.k);
   } else {
-    const std::int64_t M = ch.rows, n = ch.cols;
+    // S slices along the sharded dim (rows, or columns when ch.shard_dim == -1), each of O elements
+    const bool by_rows = ch.shard_dim != -1;
+    const std::int64_t S = by_rows ? ch.rows : ch.cols, O = by_rows ? ch.cols : ch.rows;
     std::int64_t lmax = 0;
     for (int i = 0; i < W; ++i) lmax = std::max(lmax, offs[i + 1] - offs[i]);
     const std::int64_t cmax = selective && !ch.global_scope ? std::min(ch.k, lmax) : lmax;
-    const std::int64_t R = selective && ch.global_scope ? ch.k : std::min<std::int64_t>(M, cmax * W);
-    take(b.u, N * cmax * n);
-    take(b.stage, std::max(per * R * n, N * cmax * n));
-    take(b.asm_, per * R * n);
-    take(b.scratch, ortho::scratch_elems(per, R, n));
+    const std::int64_t R = selective && ch.global_scope ? ch.k : std::min<std::int64_t>(S, cmax * W);
+    take(b.u, N * cmax * O);
+    take(b.stage, std::max(per * R * O, N * cmax * O));
+    take(b.asm_, per * R * O);
+    take(b.scratch, ortho::scratch_elems(per, R, O));
     take(b.norms, per);
     if (selective) take(b.idx, N * std::max<std::int64_t>(cmax, 1));
     if (selective && ch.global_scope) {
-      take(b.m_loc, N * lmax * n);
-      take(b.m_stage, per * M * n);
-      take(b.m_asm, per * M * n);
+      take(b.m_loc, N * lmax * O);
+      take(b.m_stage, per * S * O);
+      take(b.m_asm, per * S * O);
       take(b.gidx, per * ch.k);
-      take(b.ix_send, per * (M + W));
+      take(b.ix_send, per * (S + W));
       take(b.ix_recv, N * (lmax + 1));
-      take(b.u_sel, std::max(N * lmax * n, per * M * n));
+      take(b.u_sel, std::max(N * lmax * O, per * S * O));
     }
   }
   b.end = off;
@@ -236,11 +238,14 @@ void muon_family_chunk(Ctx& cx) {
   updates.finish();
 }
 
-/// FSDP: every matrix of the chunk is sharded by rows over the optimizer's communicator, contiguous
-/// in rank order (offsets cx.offs). SPEC §0.3 case A with exact per-rank row counts instead of zero
-/// padding: the owner of a matrix assembles exactly the rows the ranks hold (Muon, NorMuon: the
-/// whole matrix; Dion2 / NorDion2 local scope: each rank's top-k rows), orthogonalizes it, and
-/// returns every rank its rows. Muon's result is therefore bit-identical to a single process.
+/// FSDP: every matrix of the chunk is sharded over the optimizer's communicator along its rows
+/// (ShardSpec dim −2) or its columns (dim −1), contiguous in rank order (offsets cx.offs). SPEC §0.3
+/// case A with exact per-rank slice counts instead of zero padding: the owner of a matrix
+/// assembles exactly the slices the ranks hold, in the layout one process holds the matrix in
+/// (Muon, NorMuon: the whole matrix; Dion2 / NorDion2 local scope: each rank's top-k slices),
+/// orthogonalizes it, and returns every rank its slices. Muon's result is therefore bit-identical
+/// to a single process for row and column shards alike. Column shards select columns (Dion2,
+/// comm_dim −1); NorMuon and NorDion2 take row shards only (refused at registration).
 template <class OrthoT, class Ctx>
 void muon_family_sharded(Ctx& cx) {
   using Space = typename std::remove_reference_t<decltype(cx.be)>::Space;
@@ -252,8 +257,10 @@ void muon_family_sharded(Ctx& cx) {
   const Algorithm alg = ch.algorithm;
   const bool selective = alg == Algorithm::dion2 || alg == Algorithm::nordion2;
   const bool global = selective && ch.global_scope;
-  const std::int64_t M = ch.rows, n = ch.cols;
-  if (M == 0 || n == 0) return;  // the global shape: the same decision on every rank
+  // S slices along the sharded dim, each spanning O elements of the other dim
+  const bool by_rows = ch.shard_dim != -1;
+  const std::int64_t S = by_rows ? ch.rows : ch.cols, O = by_rows ? ch.cols : ch.rows;
+  if (S == 0 || O == 0) return;  // the global shape: the same decision on every rank
   const std::int64_t* offs = cx.offs;
   auto len = [&](int i) { return offs[i + 1] - offs[i]; };
   const std::int64_t lme = len(me);
@@ -262,6 +269,10 @@ void muon_family_sharded(Ctx& cx) {
   const std::int64_t cme = c[static_cast<std::size_t>(me)];
   auto bufs = muon_dist_carve<OrthoT>(cx.workspace, ch, W, offs);
   const float decay = alg == Algorithm::dion2 ? o.ef_decay : o.mu;
+  // `nb` packed blocks of `s` slices each (s × O rows, or O × s columns)
+  auto slab = [&]<class T>(T* p, std::int64_t nb, std::int64_t s) {
+    return by_rows ? packed<T, Space>(p, nb, s, O) : packed<T, Space>(p, nb, O, s);
+  };
 
   // 1. pre-orthogonalization on the local shards (an empty shard contributes nothing)
   struct Live {
@@ -282,17 +293,17 @@ void muon_family_sharded(Ctx& cx) {
         dispatch_dtype(mview.dtype, [&]<class TM>() {
           auto G = geometry_mat<TG>(p.grad, sl.geo).slice(it.b0, it.nb);
           auto Mm = geometry_mat<TM>(mview, sl.geo).slice(it.b0, it.nb);
-          auto U = packed<OrthoT, Space>(bufs.u + pos * cme * n, it.nb, cme, n);
+          auto U = slab(bufs.u + pos * cme * O, it.nb, cme);
           if (!selective) {
             be.muon_momentum(G, Mm, U, o.mu, o.nesterov);
           } else {
             be.add_into(Mm, G);
             if (!global) {
               std::int64_t* id = bufs.idx + pos * cme;
-              be.select_topk(Mm, true, cme, id);
-              be.gather_slices(Mm, id, cme, true, decay, U);
+              be.select_topk(Mm, by_rows, cme, id);
+              be.gather_slices(Mm, id, cme, by_rows, decay, U);
             } else {
-              be.copy(Mm, packed<float, Space>(bufs.m_loc + pos * lme * n, it.nb, lme, n));
+              be.copy(Mm, slab(bufs.m_loc + pos * lme * O, it.nb, lme));
             }
           }
         });
@@ -305,42 +316,43 @@ void muon_family_sharded(Ctx& cx) {
   if (pos == 0) return;  // gradient presence is agreed across ranks before the step
 
   // 2. unshard, orthogonalize on the owner, reshard
-  RowExchange ex(W, me, pos, n, c);
+  SliceExchange ex(W, me, pos, O, c, by_rows);
   const std::int64_t mine = ex.owned(me);
-  std::vector<std::int64_t> counts;  // global scope: selected rows of each local matrix
+  std::vector<std::int64_t> counts;  // global scope: selected slices of each local matrix
   if (!global) {
     ex.template unshard<decltype(comm), decltype(be), OrthoT, Space>(comm, be, bufs.u, bufs.stage, bufs.asm_);
     if (mine > 0)
-      ortho::orthogonalize(be, o.orthogonalizer, o.ns_steps, o.epsilon,
-                           packed<OrthoT, Space>(bufs.asm_, mine, ex.R, n), bufs.scratch, bufs.norms);
+      ortho::orthogonalize(be, o.orthogonalizer, o.ns_steps, o.epsilon, slab(bufs.asm_, mine, ex.R), bufs.scratch,
+                           bufs.norms);
     ex.template reshard<decltype(comm), decltype(be), OrthoT, Space>(comm, be, bufs.asm_, bufs.stage, bufs.u);
   } else {
     // global scope (SPEC §1.3): the owner ranks the whole matrix (fp32 momentum, exactly what a
-    // single process ranks), orthogonalizes the top-k rows, and returns to each rank the rows of
-    // its shard with their local indices.
+    // single process ranks), orthogonalizes the top-k slices, and returns to each rank the slices
+    // of its shard with their local indices.
     const std::int64_t K = ch.k;
     ex.template unshard<decltype(comm), decltype(be), float, Space>(comm, be, bufs.m_loc, bufs.m_stage, bufs.m_asm);
     std::vector<std::int64_t> g(static_cast<std::size_t>(std::max<std::int64_t>(mine * K, 1)));
     if (mine > 0) {
-      auto Mf = packed<float, Space>(bufs.m_asm, mine, M, n);
-      be.select_topk(Mf, true, K, bufs.gidx);
-      auto U = packed<OrthoT, Space>(bufs.asm_, mine, K, n);
-      be.gather_slices(Mf, bufs.gidx, K, true, 1.0f, U);
+      auto Mf = slab(bufs.m_asm, mine, S);
+      be.select_topk(Mf, by_rows, K, bufs.gidx);
+      auto U = slab(bufs.asm_, mine, K);
+      be.gather_slices(Mf, bufs.gidx, K, by_rows, 1.0f, U);
       ortho::orthogonalize(be, o.orthogonalizer, o.ns_steps, o.epsilon, U, bufs.scratch, bufs.norms);
       be.copy_to_host(bufs.gidx, g.data(), static_cast<std::size_t>(mine * K) * sizeof(std::int64_t));
       be.synchronize();
     }
-    // send side: to rank i, per owned matrix, a block of len(i) rows (the first cnt hold the selected
-    // rows of i's shard, in ascending order; the rest zeros) and (cnt, local indices, padding)
+    // send side: to rank i, per owned matrix, a block of len(i)·O elements (the first cnt·O hold
+    // the selected slices of i's shard in ascending order, packed: cnt × O or O × cnt; the rest
+    // zeros) and (cnt, local indices, padding)
     std::vector<int> sc(static_cast<std::size_t>(W)), sd(sc), rc(sc), rd(sc), isc(sc), isd(sc), irc(sc), ird(sc);
     std::vector<std::int64_t> ix_host;
     std::int64_t at = 0;
     for (int i = 0; i < W; ++i) {
-      sc[static_cast<std::size_t>(i)] = RowExchange::as_count(mine * len(i) * n);
-      sd[static_cast<std::size_t>(i)] = RowExchange::as_count(at);
-      isc[static_cast<std::size_t>(i)] = RowExchange::as_count(mine * (len(i) + 1));
-      isd[static_cast<std::size_t>(i)] = RowExchange::as_count(static_cast<std::int64_t>(ix_host.size()));
-      if (mine * len(i) > 0) be.fill(packed<OrthoT, Space>(bufs.u_sel + at, mine, len(i), n), 0.0f);
+      sc[static_cast<std::size_t>(i)] = SliceExchange::as_count(mine * len(i) * O);
+      sd[static_cast<std::size_t>(i)] = SliceExchange::as_count(at);
+      isc[static_cast<std::size_t>(i)] = SliceExchange::as_count(mine * (len(i) + 1));
+      isd[static_cast<std::size_t>(i)] = SliceExchange::as_count(static_cast<std::int64_t>(ix_host.size()));
+      if (mine * len(i) > 0) be.fill(slab(bufs.u_sel + at, mine, len(i)), 0.0f);
       for (std::int64_t t = 0; t < mine; ++t) {
         const std::int64_t* gt = g.data() + t * K;
         const std::int64_t a = std::lower_bound(gt, gt + K, offs[i]) - gt;
@@ -348,15 +360,17 @@ void muon_family_sharded(Ctx& cx) {
         ix_host.push_back(b - a);
         for (std::int64_t q = a; q < b; ++q) ix_host.push_back(gt[q] - offs[i]);
         for (std::int64_t q = b - a; q < len(i); ++q) ix_host.push_back(0);
-        if (b > a)
-          be.copy(packed<OrthoT, Space>(bufs.asm_ + (t * K + a) * n, 1, b - a, n),
-                  packed<OrthoT, Space>(bufs.u_sel + at + t * len(i) * n, 1, b - a, n));
+        if (b > a) {
+          // slices [a, b) of the owner's K selected ones
+          auto Ut = slab(bufs.asm_ + t * K * O, 1, K);
+          be.copy(by_rows ? Ut.row_block(a, b - a) : Ut.col_block(a, b - a), slab(bufs.u_sel + at + t * len(i) * O, 1, b - a));
+        }
       }
-      at += mine * len(i) * n;
-      rc[static_cast<std::size_t>(i)] = RowExchange::as_count(ex.owned(i) * lme * n);
-      rd[static_cast<std::size_t>(i)] = RowExchange::as_count(ex.first_owned(i) * lme * n);
-      irc[static_cast<std::size_t>(i)] = RowExchange::as_count(ex.owned(i) * (lme + 1));
-      ird[static_cast<std::size_t>(i)] = RowExchange::as_count(ex.first_owned(i) * (lme + 1));
+      at += mine * len(i) * O;
+      rc[static_cast<std::size_t>(i)] = SliceExchange::as_count(ex.owned(i) * lme * O);
+      rd[static_cast<std::size_t>(i)] = SliceExchange::as_count(ex.first_owned(i) * lme * O);
+      irc[static_cast<std::size_t>(i)] = SliceExchange::as_count(ex.owned(i) * (lme + 1));
+      ird[static_cast<std::size_t>(i)] = SliceExchange::as_count(ex.first_owned(i) * (lme + 1));
     }
     if (!ix_host.empty())
       be.copy_from_host(ix_host.data(), bufs.ix_send, ix_host.size() * sizeof(std::int64_t));
@@ -379,16 +393,16 @@ void muon_family_sharded(Ctx& cx) {
     auto& p = cx.params[static_cast<std::size_t>(sl.param)];
     dispatch_dtype(p.param.dtype, [&]<class TX>() {
       auto X = geometry_mat<TX>(p.param, sl.geo).slice(l.b0, l.nb);
-      auto O = packed<OrthoT, Space>(bufs.u + l.pos * cme * n, l.nb, cme, n);
+      auto Ou = slab(bufs.u + l.pos * cme * O, l.nb, cme);
       switch (alg) {
-        case Algorithm::muon: be.apply_update(X, O, cx.lr, cx.wd, sl.lr_scale * sl.o_scale, o.cautious_wd); break;
+        case Algorithm::muon: be.apply_update(X, Ou, cx.lr, cx.wd, sl.lr_scale * sl.o_scale, o.cautious_wd); break;
         case Algorithm::normuon: {
-          // normalization on the local row shard (SPEC §1.2 step 11: rows complete, V exact, the
-          // Frobenius rescale over the local shard)
+          // row shards only: normalization on the local row shard (SPEC §1.2 step 11: rows
+          // complete, V exact, the Frobenius rescale over the local shard)
           const auto vview = p.state_view("variance_neuron");
           dispatch_dtype(vview.dtype, [&]<class TV>() {
             auto V = geometry_mat<TV>(vview, sl.geo).slice(l.b0, l.nb);
-            be.normuon_update(X, O, V, o.muon_beta2, sl.o_scale, cx.lr, cx.wd, sl.lr_scale, o.cautious_wd);
+            be.normuon_update(X, Ou, V, o.muon_beta2, sl.o_scale, cx.lr, cx.wd, sl.lr_scale, o.cautious_wd);
           });
           break;
         }
@@ -397,31 +411,31 @@ void muon_family_sharded(Ctx& cx) {
           if (!global) {
             std::int64_t* id = bufs.idx + l.pos * cme;
             if (alg == Algorithm::dion2) {
-              be.dion2_update(X, O, id, cme, true, cx.lr, cx.wd, sl.lr_scale);
+              be.dion2_update(X, Ou, id, cme, by_rows, cx.lr, cx.wd, sl.lr_scale);
             } else {
               const auto vview = p.state_view("variance_neuron");
               dispatch_dtype(vview.dtype, [&]<class TV>() {
                 auto V = geometry_mat<TV>(vview, sl.geo).slice(l.b0, l.nb);
-                be.nordion2_update(X, O, V, id, cme, o.muon_beta2, cx.lr, cx.wd, sl.lr_scale);
+                be.nordion2_update(X, Ou, V, id, cme, o.muon_beta2, cx.lr, cx.wd, sl.lr_scale);
               });
             }
             break;
           }
-          // global scope: per matrix, its own count of selected rows
+          // global scope: per matrix, its own count of selected slices
           const auto mview = p.state_view("momentum");
           for (std::int64_t b = 0; b < l.nb; ++b) {
             const std::int64_t q = l.pos + b, cnt = counts[static_cast<std::size_t>(q)];
             std::int64_t* id = bufs.ix_recv + q * (lme + 1) + 1;
             auto Xb = X.at(b);
-            auto Ob = packed<OrthoT, Space>(bufs.u + q * lme * n, 1, cnt, n);
+            auto Ob = slab(bufs.u + q * lme * O, 1, cnt);
             if (cnt > 0) {
               dispatch_dtype(mview.dtype, [&]<class TM>() {
                 auto Mb = geometry_mat<TM>(mview, sl.geo).slice(l.b0 + b, 1);
-                be.gather_slices(Mb, id, cnt, true, decay, packed<OrthoT, Space>(bufs.u_sel, 1, cnt, n));
+                be.gather_slices(Mb, id, cnt, by_rows, decay, slab(bufs.u_sel, 1, cnt));
               });
             }
             if (alg == Algorithm::dion2) {
-              be.dion2_update(Xb, Ob, id, cnt, true, cx.lr, cx.wd, sl.lr_scale);
+              be.dion2_update(Xb, Ob, id, cnt, by_rows, cx.lr, cx.wd, sl.lr_scale);
             } else {
               const auto vview = p.state_view("variance_neuron");
               dispatch_dtype(vview.dtype, [&]<class TV>() {

@@ -26,8 +26,10 @@ struct Mesh {
 /// increasing with k); every rank's (offset, length) is gathered and checked at registration.
 ///
 /// `GroupRef::add(name, param, grad, shard, inner)` takes two of them:
-/// * `shard`, over the optimizer's shard communicator. Muon family: its one mesh, rows (-2) only.
-///   Dion: Mesh::outer_shard (FSDP), rows (-2) or columns (-1).
+/// * `shard`, over the optimizer's shard communicator. Muon family: its one mesh; Muon and Dion2
+///   rows (-2) or columns (-1; Dion2 then selects columns), NorMuon and NorDion2 rows only (their
+///   neuron normalization needs whole rows: NotSupported). Dion: Mesh::outer_shard (FSDP), rows
+///   (-2) or columns (-1).
 /// * `inner` (Dion only; default: not sharded), over Mesh::inner_shard (tensor parallel), rows or
 ///   columns. With both, each shards a different dim (a 2-D block: e.g. rows over inner, columns
 ///   over outer); on a 2-D mesh every group must cut its dim the same way.

@@ -121,9 +121,10 @@ struct Chunk {
   // Dion
   bool transposed = false;
   std::int64_t p = 0, q = 0, r = 0;
-  // Sharded chunks (Muon family, rows sharded over the optimizer's communicator): index into the
-  // engine's shard layouts (every matrix of the chunk is cut the same way); -1 = not sharded.
+  // Sharded chunks (Muon family: rows or columns sharded over the optimizer's communicator): index
+  // into the engine's shard layouts (every matrix of the chunk is cut the same way); -1 = not sharded.
   int layout = -1;
+  int shard_dim = 0;          // Muon family, sharded: the dim the shards cut (-2 rows, -1 columns)
   int inner_layout = -1;      // Dion, tensor parallel: index into the layouts of the inner shard offsets
   bool global_scope = false;  // Dion2 / NorDion2 selection_scope == global on a sharded chunk
 };
@@ -162,8 +163,10 @@ struct EngineAccess;
 ///   non-finite gradients (skip or throw NonFinite on every rank).
 /// * Muon / NorMuon / Dion2 / NorDion2 take one 1-D mesh: Mesh::replicate (DDP: gradients already
 ///   averaged by the caller; each matrix is orthogonalized by one rank and all-gathered, bit-identical
-///   to one process) or Mesh::outer_shard (FSDP: matrices row-sharded with ShardSpec{-2, ...};
-///   unsharded matrices use the data-parallel path over the same mesh).
+///   to one process) or Mesh::outer_shard (FSDP: matrices row-sharded with ShardSpec{-2, ...} or,
+///   for Muon and Dion2, column-sharded with ShardSpec{-1, ...}; NorMuon and NorDion2 normalize
+///   whole rows and refuse column shards with NotSupported; unsharded matrices use the
+///   data-parallel path over the same mesh).
 /// * Dion takes any product of Mesh::replicate (data parallel: gradients averaged in place, or P and R
 ///   for compressed low rank; see Options::replicate_mesh_grad_sync and synchronize_for_checkpoint()),
 ///   Mesh::outer_shard (FSDP: a matrix's rows or columns sharded, the ShardSpec argument of add()) and
@@ -905,8 +908,13 @@ class Optimizer {
     DION_CHECK(a != Algorithm::dion || !sh.sharded() || mesh_.outer_shard, InvalidArgument, where,
                "a sharded Dion matrix needs Mesh::outer_shard (FSDP) for its ShardSpec (pass tensor-parallel "
                "sharding as the inner ShardSpec, over Mesh::inner_shard)");
-    DION_CHECK(a == Algorithm::dion || sh.dim == -2, NotSupported, where,
-               "column-sharded (ShardSpec::dim = -1) matrices are not supported here; shard dim -2 (rows)");
+    // NorMuon / NorDion2 normalize each row of the update by its neuron variance (and NorDion2
+    // selects whole rows): a rank holding a column shard sees no whole row (microsoft/dion raises
+    // NotImplementedError too). Thrown inside the registration's agreement, so every rank throws.
+    DION_CHECK(!(sh.sharded() && sh.dim == -1 && (a == Algorithm::normuon || a == Algorithm::nordion2)), NotSupported,
+               where, algorithm_name(a), " cannot take a column-sharded matrix (ShardSpec::dim = -1, global shape ",
+               gshape.str(), "): its neuron normalization", a == Algorithm::nordion2 ? " and row selection need" : " needs",
+               " whole rows of the update on one rank; shard the rows (ShardSpec::dim = -2) instead");
     DION_CHECK(o.num_heads == 1 && o.split_sizes.empty() && !(o.flatten && s.ndim >= 3), NotSupported, where,
                "num_heads, split_sizes and flatten (on >2-D) are not supported on sharded parameters");
   }
@@ -947,8 +955,8 @@ class Optimizer {
       const auto& g = groups_[static_cast<std::size_t>(gi)];
       if (is_scalar_algorithm(g.algorithm)) continue;
       // collect slots keyed by matrix shape (and dtype for Dion)
-      // (rows, cols, dtype, layout, inner layout, transposed)
-      std::map<std::tuple<std::int64_t, std::int64_t, int, int, int, int>, std::vector<int>> by_shape;
+      // (rows, cols, dtype, layout, inner layout, transposed, Muon family: sharded dim)
+      std::map<std::tuple<std::int64_t, std::int64_t, int, int, int, int, int>, std::vector<int>> by_shape;
       for (int pi : g.params) {
         const auto& p = params_[static_cast<std::size_t>(pi)];
         std::vector<detail::Slot> ss;
@@ -972,7 +980,8 @@ class Optimizer {
         for (auto& sl : ss) {
           slots_.push_back(sl);
           const int key_dtype = g.algorithm == Algorithm::dion ? static_cast<int>(p.param.dtype) : 0;
-          by_shape[{sl.rows, sl.cols, key_dtype, layout, inner_layout, p.transposed ? 1 : 0}].push_back(
+          const int key_dim = g.algorithm != Algorithm::dion && layout >= 0 ? p.shard.dim : 0;
+          by_shape[{sl.rows, sl.cols, key_dtype, layout, inner_layout, p.transposed ? 1 : 0, key_dim}].push_back(
               static_cast<int>(slots_.size()) - 1);
         }
       }
@@ -985,6 +994,7 @@ class Optimizer {
         proto.dtype = static_cast<DType>(std::get<2>(key));
         proto.layout = std::get<3>(key);
         proto.inner_layout = std::get<4>(key);
+        proto.shard_dim = std::get<6>(key);
         shape_plan(proto, g.opts, ids.empty() ? -1 : slots_[static_cast<std::size_t>(ids[0])].param);
         const std::int64_t per = bytes_per_matrix(proto, g.opts);
         const std::int64_t cap = std::max<std::int64_t>(1, g.opts.workspace_limit_bytes / std::max<std::int64_t>(per, 1));
@@ -1056,12 +1066,13 @@ class Optimizer {
   }
   void shape_plan(detail::Chunk& c, const Options& o, int first_param) {
     if ((c.algorithm == Algorithm::dion2 || c.algorithm == Algorithm::nordion2) && c.layout >= 0) {
-      // row-sharded (SPEC §1.3): select rows. local scope: k from the padded local size
-      // ceil(S/W), each rank takes min(k, its rows); global scope: k from the true global size.
+      // sharded (SPEC §1.3): select along the sharded dim, rows (-2) or columns (-1, Dion2 only).
+      // local scope: k from the padded local size ceil(S/W), each rank takes min(k, its slices);
+      // global scope: k from the true global size.
       const int W = static_cast<int>(layouts_[static_cast<std::size_t>(c.layout)].size()) - 1;
-      c.sel_rows = true;
+      c.sel_rows = c.shard_dim != -1;
       c.global_scope = o.selection_scope == SelectionScope::global;
-      const std::int64_t S = c.rows;
+      const std::int64_t S = c.sel_rows ? c.rows : c.cols;
       const std::int64_t base = c.global_scope ? S : (S + W - 1) / W;
       c.k = S == 0 ? 0
                    : std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(o.fraction * static_cast<double>(base))));
