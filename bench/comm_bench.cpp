@@ -2,7 +2,7 @@
 // own counters (dion::CommStats, comm/stats.hpp), against the model (SPEC §2.2, §2.5).
 //
 //   mpiexec -n 2 build/bench/dion_comm_bench [--set gpt160m] [--layers L] [--rank-fractions 0.25,0.0625]
-//                                            [--steps 2] [--out comm.jsonl]
+//                                            [--steps 2] [--no-full-rank] [--out comm.jsonl]
 //
 // Rows (each on the same shape set, DDP over MpiComm in Mesh::replicate, Eigen backend):
 //   grad all-reduce  the baseline: what plain data parallelism moves, an all-reduce (mean) of every
@@ -49,6 +49,7 @@ struct Args {
   int layers = 0;  // 0: the set's own
   std::vector<double> rank_fractions = {0.25, 0.0625};
   int steps = 2;
+  bool full_rank = true;  // the Dion rf = 1 row (full-rank QR of every P: slow on large sets)
   std::string out;
 };
 
@@ -145,6 +146,7 @@ int main(int argc, char** argv) {
     else if (k == "--rank-fractions") a.rank_fractions = parse_list(val());
     else if (k == "--steps") a.steps = std::max(1, std::atoi(val().c_str()));
     else if (k == "--out") a.out = val();
+    else if (k == "--no-full-rank") a.full_rank = false;
     else if (k == "--smoke") {
       a.set = "tiny";
       a.steps = 2;
@@ -152,7 +154,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: dion_comm_bench [--set tiny|mini|gpt160m|llama1b|llama8b] [--layers L] "
-                   "[--rank-fractions a,b] [--steps N] [--out file.jsonl] [--smoke]\n");
+                   "[--rank-fractions a,b] [--steps N] [--no-full-rank] [--out file.jsonl] [--smoke]\n");
       return 2;
     }
   }
@@ -196,7 +198,8 @@ int main(int argc, char** argv) {
       r.model_bus = ring_ar * sum_mn * 4;
       rows.push_back(r);
     }
-    std::vector<double> rfs = {1.0};
+    std::vector<double> rfs;
+    if (a.full_rank) rfs.push_back(1.0);
     for (double f : a.rank_fractions)
       if (f > 0 && f < 1) rfs.push_back(f);
     const auto x0 = mem.x;  // every optimizer starts from the same parameters
