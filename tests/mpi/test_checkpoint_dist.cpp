@@ -86,22 +86,21 @@ bool bits_equal(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
-/// The global (batch, rows, cols) tensor from every member's rows [a, b) over `c` (cols are found
-/// from the members that hold rows; a member with none contributes nothing).
-std::vector<float> gather_rows(const std::vector<float>& local, std::int64_t batch, std::int64_t rows, std::int64_t a,
-                               std::int64_t b, MPI_Comm c) {
+/// The global (batch, rows, cols) tensor from every member's slices [a, b) over `c` — rows
+/// (`along_rows`) or columns; a member with none contributes nothing.
+std::vector<float> gather_slices(const std::vector<float>& local, std::int64_t batch, std::int64_t rows, std::int64_t cols,
+                                 std::int64_t a, std::int64_t b, bool along_rows, MPI_Comm c) {
   int n = 1;
   MPI_Comm_size(c, &n);
-  long long cols = b > a ? static_cast<long long>(local.size()) / (batch * (b - a)) : 0;
-  MPI_Allreduce(MPI_IN_PLACE, &cols, 1, MPI_LONG_LONG, MPI_MAX, c);
   long long mine[2] = {a, b};
   std::vector<long long> all(2 * static_cast<std::size_t>(n));
   MPI_Allgather(mine, 2, MPI_LONG_LONG, all.data(), 2, MPI_LONG_LONG, c);
+  const long long other = along_rows ? cols : rows;  // the length of one slice
   std::vector<int> counts(static_cast<std::size_t>(n)), displs(static_cast<std::size_t>(n));
   int total = 0;
   for (int j = 0; j < n; ++j) {
     counts[static_cast<std::size_t>(j)] =
-        static_cast<int>(batch * (all[2 * static_cast<std::size_t>(j) + 1] - all[2 * static_cast<std::size_t>(j)]) * cols);
+        static_cast<int>(batch * (all[2 * static_cast<std::size_t>(j) + 1] - all[2 * static_cast<std::size_t>(j)]) * other);
     displs[static_cast<std::size_t>(j)] = total;
     total += counts[static_cast<std::size_t>(j)];
   }
@@ -111,43 +110,26 @@ std::vector<float> gather_rows(const std::vector<float>& local, std::int64_t bat
   std::vector<float> full(static_cast<std::size_t>(batch * rows * cols));
   for (int j = 0; j < n; ++j) {
     const long long ja = all[2 * static_cast<std::size_t>(j)], jb = all[2 * static_cast<std::size_t>(j) + 1];
+    const long long i0 = along_rows ? ja : 0, i1 = along_rows ? jb : rows;
+    const long long k0 = along_rows ? 0 : ja, k1 = along_rows ? cols : jb;
     const float* src = buf.data() + displs[static_cast<std::size_t>(j)];
     for (long long m = 0; m < batch; ++m)
-      for (long long i = ja; i < jb; ++i)
-        for (long long k = 0; k < cols; ++k)
-          full[static_cast<std::size_t>((m * rows + i) * cols + k)] = *src++;
+      for (long long i = i0; i < i1; ++i)
+        for (long long k = k0; k < k1; ++k) full[static_cast<std::size_t>((m * rows + i) * cols + k)] = *src++;
   }
   return full;
 }
-/// The global (batch, rows, cols) tensor from every member's columns [a, b) over `c` (every member
-/// knows rows and cols; a member with none contributes nothing).
+/// Rows [a, b) of every member (cols are found from the members that hold rows).
+std::vector<float> gather_rows(const std::vector<float>& local, std::int64_t batch, std::int64_t rows, std::int64_t a,
+                               std::int64_t b, MPI_Comm c) {
+  long long cols = b > a ? static_cast<long long>(local.size()) / (batch * (b - a)) : 0;
+  MPI_Allreduce(MPI_IN_PLACE, &cols, 1, MPI_LONG_LONG, MPI_MAX, c);
+  return gather_slices(local, batch, rows, cols, a, b, true, c);
+}
+/// Columns [a, b) of every member (every member knows rows and cols).
 std::vector<float> gather_cols(const std::vector<float>& local, std::int64_t batch, std::int64_t rows, std::int64_t cols,
                                std::int64_t a, std::int64_t b, MPI_Comm c) {
-  int n = 1;
-  MPI_Comm_size(c, &n);
-  long long mine[2] = {a, b};
-  std::vector<long long> all(2 * static_cast<std::size_t>(n));
-  MPI_Allgather(mine, 2, MPI_LONG_LONG, all.data(), 2, MPI_LONG_LONG, c);
-  std::vector<int> counts(static_cast<std::size_t>(n)), displs(static_cast<std::size_t>(n));
-  int total = 0;
-  for (int j = 0; j < n; ++j) {
-    counts[static_cast<std::size_t>(j)] =
-        static_cast<int>(batch * rows * (all[2 * static_cast<std::size_t>(j) + 1] - all[2 * static_cast<std::size_t>(j)]));
-    displs[static_cast<std::size_t>(j)] = total;
-    total += counts[static_cast<std::size_t>(j)];
-  }
-  std::vector<float> buf(static_cast<std::size_t>(total));
-  MPI_Allgatherv(local.data(), static_cast<int>(local.size()), MPI_FLOAT, buf.data(), counts.data(), displs.data(),
-                 MPI_FLOAT, c);
-  std::vector<float> full(static_cast<std::size_t>(batch * rows * cols));
-  for (int j = 0; j < n; ++j) {
-    const long long ja = all[2 * static_cast<std::size_t>(j)], jb = all[2 * static_cast<std::size_t>(j) + 1];
-    const float* src = buf.data() + displs[static_cast<std::size_t>(j)];
-    for (long long m = 0; m < batch; ++m)
-      for (long long i = 0; i < rows; ++i)
-        for (long long k = ja; k < jb; ++k) full[static_cast<std::size_t>((m * rows + i) * cols + k)] = *src++;
-  }
-  return full;
+  return gather_slices(local, batch, rows, cols, a, b, false, c);
 }
 
 using TensorMap = std::map<std::string, std::vector<float>>;

@@ -1602,25 +1602,34 @@ void commit(Opt& opt, const Staged& s) {
 }
 
 /// CRC32C of a whole file, streamed (files this rank verifies but does not need).
-inline std::uint32_t file_crc32c(const std::filesystem::path& p, std::uint64_t expect_bytes) {
+/// Read the file `p` from its start to its end in chunks, handing each to `f` (which may throw; the
+/// file is closed either way). IoError when it cannot be opened or read.
+template <class F>
+void read_file_chunks(const std::filesystem::path& p, F&& f) {
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  };
   const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw IoError(concat("checkpoint: cannot open '", p.string(), "': ", safetensors::detail::errno_text(errno)));
+  const Closer closer{fd};
   std::vector<std::byte> buf(std::size_t{1} << 20);
-  std::uint32_t crc = 0;
-  std::uint64_t n = 0;
   for (;;) {
     const ssize_t r = ::read(fd, buf.data(), buf.size());
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      const int err = errno;
-      ::close(fd);
-      throw IoError(concat("checkpoint: reading '", p.string(), "' failed: ", safetensors::detail::errno_text(err)));
-    }
-    if (r == 0) break;
-    crc = crc32c(std::span<const std::byte>(buf.data(), static_cast<std::size_t>(r)), crc);
-    n += static_cast<std::uint64_t>(r);
+    if (r < 0) throw IoError(concat("checkpoint: reading '", p.string(), "' failed: ", safetensors::detail::errno_text(errno)));
+    if (r == 0) return;
+    f(std::span<const std::byte>(buf.data(), static_cast<std::size_t>(r)));
   }
-  ::close(fd);
+}
+
+inline std::uint32_t file_crc32c(const std::filesystem::path& p, std::uint64_t expect_bytes) {
+  std::uint32_t crc = 0;
+  std::uint64_t n = 0;
+  read_file_chunks(p, [&](std::span<const std::byte> b) {
+    crc = crc32c(b, crc);
+    n += b.size();
+  });
   if (n != expect_bytes)
     corrupt("'", p.string(), "' is ", n, " bytes, the manifest says ", expect_bytes, n < expect_bytes ? " (truncated)" : "");
   return crc;
@@ -1671,33 +1680,13 @@ inline Manifest read_manifest(const std::filesystem::path& dir) {
   if (!fs::exists(mp, ec))
     throw CheckpointError(concat("checkpoint: incomplete checkpoint '", dir.string(), "': no ", kManifestName,
                                  " (the save did not finish, or this is not a dion checkpoint)"));
-  const int fd = ::open(mp.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw IoError(concat("checkpoint: cannot open '", mp.string(), "': ", safetensors::detail::errno_text(errno)));
   std::string text;
-  std::array<char, 65536> buf{};
-  for (;;) {
-    const ssize_t r = ::read(fd, buf.data(), buf.size());
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      const int err = errno;
-      ::close(fd);
-      throw IoError(concat("checkpoint: reading '", mp.string(), "' failed: ", safetensors::detail::errno_text(err)));
-    }
-    if (r == 0) break;
-    text.append(buf.data(), static_cast<std::size_t>(r));
-    if (text.size() > kMaxManifestBytes) {
-      ::close(fd);
+  detail::read_file_chunks(mp, [&](std::span<const std::byte> b) {
+    text.append(reinterpret_cast<const char*>(b.data()), b.size());
+    if (text.size() > kMaxManifestBytes)
       detail::corrupt("'", mp.string(), "' exceeds the manifest limit of ", kMaxManifestBytes, " bytes");
-    }
-  }
-  ::close(fd);
-  try {
-    return parse_manifest(text);
-  } catch (const CheckpointIncompatible& e) {
-    throw CheckpointIncompatible(concat(e.what(), " (", mp.string(), ")"));
-  } catch (const CheckpointError& e) {
-    throw CheckpointError(concat(e.what(), " (", mp.string(), ")"));
-  }
+  });
+  return detail::about_file(mp, [&] { return parse_manifest(text); });
 }
 
 namespace detail {
