@@ -357,6 +357,9 @@ TEST_CASE("safetensors: hostile headers are rejected", "[checkpoint][safetensors
     rejects(make_file("{} x"), "not valid JSON");
     rejects(make_file("{}{}"), "not valid JSON");
     rejects(make_file(std::string("{\"a\0\":1}", 8)), "not valid JSON");
+    // nlohmann's lexer stops at a NUL: a NUL in the padding (a flipped space) must not hide the rest
+    rejects(make_file(std::string("{}\0      ", 9)), "raw NUL byte");
+    rejects(make_file(std::string("{} \0x", 5)), "raw NUL byte");
     rejects(make_file(std::string("{\"\xff\xfe\":1}")), "not valid JSON");
     rejects(make_file(R"({"t":5})"), "tensor 't' must be an object");
     rejects(make_file(R"({"t":[]})"), "tensor 't' must be an object");

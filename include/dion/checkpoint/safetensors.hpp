@@ -414,7 +414,7 @@ inline Header parse_header_json(std::string_view json, std::uint64_t data_bytes)
   // nlohmann's lexer ends the input at a NUL byte, so a NUL in the padding (or anywhere) would hide
   // what follows it; JSON has no raw NUL (inside strings it is escaped), so refuse it outright.
   if (const auto z = json.find('\0'); z != std::string_view::npos)
-    detail::fail("header holds a NUL byte at offset ", 8 + z, " (not JSON; padding must be spaces)");
+    detail::fail("header is not valid JSON (at header byte ", z, "): a raw NUL byte (padding must be spaces)");
   {
     detail::HeaderSax sax(h);
     const bool ok = nlohmann::json::sax_parse(json.data(), json.data() + json.size(), &sax,
