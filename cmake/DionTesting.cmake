@@ -164,6 +164,9 @@ function(dion_add_test_binary name)
                      ${MPIEXEC_PREFLAGS} $<TARGET_FILE:${name}> ${MPIEXEC_POSTFLAGS} ${arg_ARGS})
     # Ranks oversubscribe the 2 cores: never run next to another test.
     set_tests_properties(${name} PROPERTIES LABELS "${_labels}" TIMEOUT ${arg_TIMEOUT} RUN_SERIAL TRUE)
+    if(arg_GPU)
+      set_tests_properties(${name} PROPERTIES SKIP_RETURN_CODE 77)  # no (or too few) GPUs
+    endif()
   elseif(arg_GPU OR arg_NO_DISCOVER OR NOT DION_TEST_DISCOVERY)
     # GPU binaries are never run at build time (discovery would execute them here).
     add_test(NAME ${name} COMMAND ${name} ${arg_ARGS})

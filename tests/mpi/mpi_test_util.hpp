@@ -61,6 +61,28 @@ struct PSpec {
   }
 };
 
+// --- The test models of the parity suites (tests/mpi/test_distributed.cpp, tests/nccl/) ----------
+// 7x15 (x3, one without a gradient at step 2: N = 3 then 2 per shape group, uneven over W),
+// 15x3 (tall, x2), a 3-D (3, 6, 10), 17x24 (x5) and 1x16 (a single matrix: redundant path).
+inline std::vector<PSpec> ddp_model() {
+  return {{"a", 1, 7, 15},  {"b", 1, 7, 15},  {"c", 1, 7, 15},  {"d", 1, 15, 3}, {"e", 1, 15, 3},
+          {"f", 3, 6, 10, true}, {"g0", 1, 17, 24}, {"g1", 1, 17, 24}, {"g2", 1, 17, 24}, {"g3", 1, 17, 24},
+          {"g4", 1, 17, 24}, {"h", 1, 1, 16}};
+}
+// FSDP rows: 17 rows (5,5,5,2 on 4 ranks; 6,6,5 on 3), 1 row (empty shards on every rank but 0),
+// 7x15, 15x3 (tall), a 3-D (3, 10, 6) sharded along its rows, 2 more 17x24 (several per group).
+inline std::vector<PSpec> fsdp_model() {
+  return {{"a", 1, 17, 24}, {"b", 1, 1, 16}, {"c", 1, 7, 15}, {"d", 1, 15, 3},
+          {"e", 3, 10, 6, true}, {"f", 1, 17, 24}, {"g", 1, 17, 24}};
+}
+// wide matrices only (Dion2 selects rows on one process too)
+inline std::vector<PSpec> fsdp_wide_model() {
+  return {{"a", 1, 17, 24}, {"b", 1, 1, 16}, {"c", 1, 7, 15}, {"e", 3, 10, 12, true}, {"f", 1, 17, 24}};
+}
+inline std::vector<PSpec> dion_ddp_model() {
+  return {{"a", 1, 32, 48}, {"b", 1, 32, 48}, {"c", 1, 32, 48}, {"d", 1, 40, 24}, {"e", 1, 40, 24}, {"h", 1, 16, 16}};
+}
+
 /// Deterministic values: the same on every rank for the same (name, salt).
 inline std::vector<float> values(const std::string& name, std::uint64_t salt, std::size_t n, float scale = 1.0f) {
   std::seed_seq seq{static_cast<unsigned>(dion::detail::fnv1a(name) & 0xffffffffu), static_cast<unsigned>(salt),
@@ -173,28 +195,49 @@ std::vector<float> as_floats(const std::vector<T>& v) {
   return out;
 }
 
-/// The single-process reference: plain dion::<Opt><EigenBackend> on the full tensors, parameters
-/// and gradients of element type T (float or dion::bf16). Returns the parameters after
-/// `feed.steps` steps (and the momentum when `momenta` is given).
-template <class Opt, class T = float>
+/// Where a test run keeps its tensors. HostMem: in the host vectors themselves, on the Eigen
+/// backend. tests/nccl/ has a device store with the same interface (CUDA backend): put() uploads a
+/// host vector into the device buffer of `key` and returns a view of it, get() downloads it.
+/// The store key of tensor `role` ("x", "g") of parameter `name`.
+inline std::string mem_key(const char* role, const std::string& name) {
+  std::string k(role);
+  k += '/';
+  k += name;
+  return k;
+}
+struct HostMem {
+  dion::EigenBackend be;
+  dion::EigenBackend& backend() { return be; }
+  template <class T>
+  dion::HostView put(const std::string& /*key*/, std::vector<T>& h, const dion::Shape& s) {
+    return dion::host_view(h.data(), s);
+  }
+  template <class T>
+  void get(const std::string& /*key*/, std::vector<T>& /*h*/) {}
+};
+
+/// The single-process reference: plain dion::<Opt> (on Mem's backend, the Eigen backend by default)
+/// on the full tensors, parameters and gradients of element type T (float or dion::bf16). Returns
+/// the parameters after `feed.steps` steps (and the momentum when `momenta` is given).
+template <class Opt, class T = float, class Mem = HostMem>
 std::vector<std::vector<float>> run_single(const std::vector<PSpec>& specs, const dion::Options& opts, const Feed& feed,
                                            int W, std::vector<std::vector<float>>* momenta = nullptr,
-                                           const char* key = "momentum") {
-  dion::EigenBackend be;
+                                           const char* key = "momentum", Mem&& mem = Mem{}) {
   std::vector<std::vector<T>> x(specs.size()), g(specs.size());
-  Opt opt{be, opts};
+  Opt opt{mem.backend(), opts};
   auto grp = opt.add_group();
   for (std::size_t i = 0; i < specs.size(); ++i) {
-    x[i] = as_elems<T>(init_values(specs[i]));
+    const auto& p = specs[i];
+    x[i] = as_elems<T>(init_values(p));
     g[i].assign(x[i].size(), T(0.0f));
-    grp.add(specs[i].name, dion::host_view(x[i].data(), specs[i].shape(specs[i].rows)),
-            dion::host_view(g[i].data(), specs[i].shape(specs[i].rows)));
+    grp.add(p.name, mem.put(mem_key("x", p.name), x[i], p.shape(p.rows)), mem.put(mem_key("g", p.name), g[i], p.shape(p.rows)));
   }
   for (int s = 1; s <= feed.steps; ++s) {
     for (std::size_t i = 0; i < specs.size(); ++i) {
-      g[i] = as_elems<T>(feed.per_rank_grads ? mean_grad(specs[i], s, W) : grad_values(specs[i], s, -1));
-      if (feed.drop_second_on_step2 && s == 2 && i == 1) opt.clear_grad(specs[i].name);
-      else opt.set_grad(specs[i].name, dion::host_view(g[i].data(), specs[i].shape(specs[i].rows)));
+      const auto& p = specs[i];
+      g[i] = as_elems<T>(feed.per_rank_grads ? mean_grad(p, s, W) : grad_values(p, s, -1));
+      if (feed.drop_second_on_step2 && s == 2 && i == 1) opt.clear_grad(p.name);
+      else opt.set_grad(p.name, mem.put(mem_key("g", p.name), g[i], p.shape(p.rows)));
     }
     opt.step();
   }
@@ -203,7 +246,10 @@ std::vector<std::vector<float>> run_single(const std::vector<PSpec>& specs, cons
     for (const auto& p : specs) momenta->push_back(opt.read_state(p.name + "/" + key));
   }
   std::vector<std::vector<float>> out;
-  for (const auto& v : x) out.push_back(as_floats(v));
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    mem.get(mem_key("x", specs[i].name), x[i]);
+    out.push_back(as_floats(x[i]));
+  }
   return out;
 }
 
@@ -232,21 +278,21 @@ inline dion::ShardSpec local_spec(const PSpec& p, Layout layout, std::int64_t a,
 }
 
 /// The distributed run: Mesh{.replicate} (DDP, full tensors on every rank) or Mesh{.outer_shard}
-/// (FSDP, rows or columns sharded with FSDP chunking), parameters and gradients of element type T.
-/// Returns this rank's (local) parameters.
-template <class Opt, class T = float>
+/// (FSDP, rows or columns sharded with FSDP chunking) over `comm` (MpiComm, or NcclComm in
+/// tests/nccl), parameters and gradients of element type T kept by Mem. Returns this rank's (local)
+/// parameters.
+template <class Opt, class T = float, class Comm = dion::MpiComm, class Mem = HostMem>
 std::vector<std::vector<float>> run_dist(const std::vector<PSpec>& specs, const dion::Options& opts, const Feed& feed,
-                                         Layout layout, dion::MpiComm& comm,
+                                         Layout layout, Comm& comm,
                                          std::vector<std::vector<float>>* momenta = nullptr, bool sync_ckpt = false,
-                                         const char* key = "momentum") {
+                                         const char* key = "momentum", Mem&& mem = Mem{}) {
   const int W = comm.size(), me = comm.rank();
-  dion::EigenBackend be;
   std::vector<std::vector<T>> x(specs.size()), g(specs.size());
   std::vector<std::pair<std::int64_t, std::int64_t>> range(specs.size());
-  dion::Mesh<dion::MpiComm> mesh;
+  dion::Mesh<Comm> mesh;
   if (layout == Layout::ddp) mesh.replicate = &comm;
   else mesh.outer_shard = &comm;
-  Opt opt{be, mesh, opts};
+  Opt opt{mem.backend(), mesh, opts};
   auto grp = opt.add_group();
   for (std::size_t i = 0; i < specs.size(); ++i) {
     const auto& p = specs[i];
@@ -255,7 +301,7 @@ std::vector<std::vector<float>> run_dist(const std::vector<PSpec>& specs, const 
     x[i] = as_elems<T>(take_local(init_values(p), p, layout, a, b));
     g[i].assign(x[i].size(), T(0.0f));
     const dion::Shape sh = local_shape(p, layout, a, b);
-    grp.add(p.name, dion::host_view(x[i].data(), sh), dion::host_view(g[i].data(), sh), local_spec(p, layout, a, b));
+    grp.add(p.name, mem.put(mem_key("x", p.name), x[i], sh), mem.put(mem_key("g", p.name), g[i], sh), local_spec(p, layout, a, b));
   }
   for (int s = 1; s <= feed.steps; ++s) {
     for (std::size_t i = 0; i < specs.size(); ++i) {
@@ -263,7 +309,7 @@ std::vector<std::vector<float>> run_dist(const std::vector<PSpec>& specs, const 
       const auto [a, b] = range[i];
       g[i] = as_elems<T>(take_local(grad_values(p, s, feed.per_rank_grads ? me : -1), p, layout, a, b));
       if (feed.drop_second_on_step2 && s == 2 && i == 1) opt.clear_grad(p.name);
-      else opt.set_grad(p.name, dion::host_view(g[i].data(), local_shape(p, layout, a, b)));
+      else opt.set_grad(p.name, mem.put(mem_key("g", p.name), g[i], local_shape(p, layout, a, b)));
     }
     opt.step();
   }
@@ -273,8 +319,29 @@ std::vector<std::vector<float>> run_dist(const std::vector<PSpec>& specs, const 
     for (const auto& p : specs) momenta->push_back(opt.read_state(p.name + "/" + key));
   }
   std::vector<std::vector<float>> out;
-  for (const auto& v : x) out.push_back(as_floats(v));
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    mem.get(mem_key("x", specs[i].name), x[i]);
+    out.push_back(as_floats(x[i]));
+  }
   return out;
+}
+
+/// max over ranks of max |local − reference slice| over every parameter (or of the relative
+/// difference of the weight change when `relative`).
+inline double compare(const std::vector<PSpec>& specs, const std::vector<std::vector<float>>& local,
+                      const std::vector<std::vector<float>>& ref, Layout layout, int W, int me, bool relative = false) {
+  double d = 0;
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    const auto [a, b] = local_range(specs[i], layout, W, me);
+    const auto want = take_local(ref[i], specs[i], layout, a, b);
+    if (relative) {
+      const auto x0 = take_local(init_values(specs[i]), specs[i], layout, a, b);
+      d = std::max(d, update_rel_diff(local[i], want, x0));
+    } else {
+      d = std::max(d, max_abs_diff(local[i], want));
+    }
+  }
+  return max_over_ranks(d);
 }
 
 }  // namespace dion_mpi_test

@@ -17,42 +17,6 @@ using namespace dion_mpi_test;
 
 namespace {
 
-// 7x15 (x3, one without a gradient at step 2: N = 3 then 2 per shape group, uneven over W),
-// 15x3 (tall, x2), a 3-D (3, 6, 10), 17x24 (x5) and 1x16 (a single matrix: redundant path).
-std::vector<PSpec> ddp_model() {
-  return {{"a", 1, 7, 15},  {"b", 1, 7, 15},  {"c", 1, 7, 15},  {"d", 1, 15, 3}, {"e", 1, 15, 3},
-          {"f", 3, 6, 10, true}, {"g0", 1, 17, 24}, {"g1", 1, 17, 24}, {"g2", 1, 17, 24}, {"g3", 1, 17, 24},
-          {"g4", 1, 17, 24}, {"h", 1, 1, 16}};
-}
-// FSDP rows: 17 rows (5,5,5,2 on 4 ranks; 6,6,5 on 3), 1 row (empty shards on every rank but 0),
-// 7x15, 15x3 (tall), a 3-D (3, 10, 6) sharded along its rows, 2 more 17x24 (several per group).
-std::vector<PSpec> fsdp_model() {
-  return {{"a", 1, 17, 24}, {"b", 1, 1, 16}, {"c", 1, 7, 15}, {"d", 1, 15, 3},
-          {"e", 3, 10, 6, true}, {"f", 1, 17, 24}, {"g", 1, 17, 24}};
-}
-// wide matrices only (Dion2 selects rows on one process too)
-std::vector<PSpec> fsdp_wide_model() {
-  return {{"a", 1, 17, 24}, {"b", 1, 1, 16}, {"c", 1, 7, 15}, {"e", 3, 10, 12, true}, {"f", 1, 17, 24}};
-}
-
-/// max over ranks of max |local − reference slice| over every parameter (or of the relative
-/// difference of the weight change when `relative`).
-double compare(const std::vector<PSpec>& specs, const std::vector<std::vector<float>>& local,
-               const std::vector<std::vector<float>>& ref, Layout layout, int W, int me, bool relative = false) {
-  double d = 0;
-  for (std::size_t i = 0; i < specs.size(); ++i) {
-    const auto [a, b] = local_range(specs[i], layout, W, me);
-    const auto want = take_local(ref[i], specs[i], layout, a, b);
-    if (relative) {
-      const auto x0 = take_local(init_values(specs[i]), specs[i], layout, a, b);
-      d = std::max(d, update_rel_diff(local[i], want, x0));
-    } else {
-      d = std::max(d, max_abs_diff(local[i], want));
-    }
-  }
-  return max_over_ranks(d);
-}
-
 /// Parameters within `tol` of the single-process run (absolute, or relative to the weight change);
 /// the state tensor `exact_key` (if given) bit-identical. T: the parameters' element type.
 template <template <class, class, class> class Opt, class T = float>
@@ -464,11 +428,6 @@ TEST_CASE("distributed: NorMuon / NorDion2 refuse column shards with NotSupporte
 
 // ---------------------------------------------------------------------------------------------------
 // (3) Dion, data parallel.
-namespace {
-std::vector<PSpec> dion_model() {
-  return {{"a", 1, 32, 48}, {"b", 1, 32, 48}, {"c", 1, 32, 48}, {"d", 1, 40, 24}, {"e", 1, 40, 24}, {"h", 1, 16, 16}};
-}
-}  // namespace
 
 TEST_CASE("distributed: Dion DDP full-rank sync equals a single process on the mean gradient",
           "[mpi][ddp][dion]") {
@@ -478,7 +437,7 @@ TEST_CASE("distributed: Dion DDP full-rank sync equals a single process on the m
   // the power iteration and QR carry into the update at the 1e-5 relative level on these small
   // matrices (measured 1.6e-5 at 4 ranks; SPEC §2.7: 1e-6 on 768-wide ones). Bound 1e-4.
   dion::MpiComm comm{MPI_COMM_WORLD, std::chrono::seconds(60)};
-  const auto specs = dion_model();
+  const auto specs = dion_ddp_model();
   const Feed feed{.per_rank_grads = true};
   for (double rf : {1.0, 0.5}) {
     const dion::Options o{.lr = 0.02f, .rank_fraction = rf};
