@@ -6,11 +6,13 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "catch_compat.hpp"
@@ -157,6 +159,59 @@ inline double update_rel_diff(const std::vector<float>& a, const std::vector<flo
   }
   if (std::isnan(num)) return 1e30;
   return den > 0 ? num / den : num;
+}
+
+/// max over ranks of max |m − ref| over the tensors, relative to max |ref| (state comparisons).
+inline double rel_state_diff(const std::vector<std::vector<float>>& m, const std::vector<std::vector<float>>& ref) {
+  double d = 0, scale = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    d = std::max(d, max_abs_diff(m[i], ref[i]));
+    for (float v : ref[i]) scale = std::max(scale, static_cast<double>(std::fabs(v)));
+  }
+  return max_over_ranks(d) / scale;
+}
+/// max over ranks and tensors of |v − rank 0's v|: 0 when every rank holds bitwise the same.
+inline double diff_from_rank0(const std::vector<std::vector<float>>& v) {
+  double d = 0;
+  for (const auto& t : v) {
+    auto r0 = t;
+    MPI_Bcast(r0.data(), static_cast<int>(r0.size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
+    d = std::max(d, max_abs_diff(t, r0));
+  }
+  return max_over_ranks(d);
+}
+
+/// What the other ranks saw while rank 0 was silent (silent_rank_0).
+struct SilentRank {
+  int timeouts = 0, poisoned = 0;  ///< on this rank: CommTimeout from the step, CommPoisoned from the next
+  double waited = 0;               ///< seconds until the CommTimeout
+  std::string message;             ///< the CommTimeout's text
+};
+/// The silent-rank protocol (RELIABILITY X7): rank 0 stops participating for three deadlines; every
+/// other rank calls opt.step() then `finish()` (e.g. a wait for the stream), expecting CommTimeout,
+/// then a second step(), expecting CommPoisoned.
+template <class Opt, class Finish>
+SilentRank silent_rank_0(Opt& opt, int me, std::chrono::milliseconds deadline, Finish finish) {
+  SilentRank r;
+  if (me == 0) {
+    std::this_thread::sleep_for(deadline * 3);
+    return r;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    opt.step();
+    finish();
+  } catch (const dion::CommTimeout& e) {
+    ++r.timeouts;
+    r.message = e.what();
+  }
+  r.waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  try {
+    opt.step();
+  } catch (const dion::CommPoisoned&) {
+    ++r.poisoned;
+  }
+  return r;
 }
 
 /// How a test step feeds gradients.

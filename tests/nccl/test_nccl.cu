@@ -320,14 +320,7 @@ TEST_CASE("nccl: Dion DDP compressed sync; synchronize_for_checkpoint; the same 
                                                                             true, "momentum", CudaMem{});
   const double dw = compare(specs, got, ref, Layout::ddp, W, comm.rank(), true);
   const double dw2 = compare(specs, got2, ref, Layout::ddp, W, comm.rank(), true);
-  double dm_loc = 0, dm_sync = 0, mscale = 0;
-  for (std::size_t i = 0; i < specs.size(); ++i) {
-    dm_loc = std::max(dm_loc, max_abs_diff(m_loc[i], m_ref[i]));
-    dm_sync = std::max(dm_sync, max_abs_diff(m_sync[i], m_ref[i]));
-    for (float v : m_ref[i]) mscale = std::max(mscale, static_cast<double>(std::fabs(v)));
-  }
-  dm_loc = max_over_ranks(dm_loc) / mscale;
-  dm_sync = max_over_ranks(dm_sync) / mscale;
+  const double dm_loc = rel_state_diff(m_loc, m_ref), dm_sync = rel_state_diff(m_sync, m_ref);
   report("dion compressed sync: relative update difference", std::max(dw, dw2));
   report("dion compressed sync: local momentum vs mean-gradient run (relative)", dm_loc);
   report("dion compressed sync: synchronized momentum (relative)", dm_sync);
@@ -335,14 +328,7 @@ TEST_CASE("nccl: Dion DDP compressed sync; synchronize_for_checkpoint; the same 
   CHECK(dw2 <= 1e-4);
   CHECK(dm_sync <= 1e-4);
   if (W > 1) CHECK(dm_loc > 1e-2);  // decoupled: each replica keeps its own error feedback
-  // the weights are bitwise the same on every rank
-  double dr = 0;
-  for (std::size_t i = 0; i < specs.size(); ++i) {
-    auto r0 = got[i];
-    MPI_Bcast(r0.data(), static_cast<int>(r0.size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
-    dr = std::max(dr, max_abs_diff(got[i], r0));
-  }
-  CHECK(max_over_ranks(dr) == 0.0);
+  CHECK(diff_from_rank0(got) == 0.0);  // the weights are bitwise the same on every rank
 
   // the same run over MPI on the Eigen backend issues the same collectives with the same sizes
   dion::MpiComm mpi{MPI_COMM_WORLD, std::chrono::seconds(60)};
@@ -459,8 +445,7 @@ TEST_CASE("nccl: a silent rank makes the others raise CommTimeout within the dea
   if (W == 1) return;
   ncclComm_t split = dion_nccl_test::split_world();
   const auto deadline = std::chrono::milliseconds(2000);
-  int timeouts = 0, poisoned = 0;
-  double waited = 0;
+  SilentRank r;
   {
     dion::NcclComm comm{split, world().stream, deadline};
     CudaMem mem;
@@ -470,30 +455,14 @@ TEST_CASE("nccl: a silent rank makes the others raise CommTimeout within the dea
     opt.step();  // everyone participates
     comm.wait();
     MPI_Barrier(MPI_COMM_WORLD);
-    if (me == 0) {
-      std::this_thread::sleep_for(deadline * 3);  // silent for longer than the deadline
-    } else {
-      const auto t0 = std::chrono::steady_clock::now();
-      try {
-        opt.step();
-        comm.wait();
-      } catch (const dion::CommTimeout&) {
-        ++timeouts;
-      }
-      waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      CHECK(comm.poisoned());
-      try {
-        opt.step();
-      } catch (const dion::CommPoisoned&) {
-        ++poisoned;
-      }
-    }
+    r = silent_rank_0(opt, me, deadline, [&] { comm.wait(); });
+    if (me != 0) CHECK(comm.poisoned());
   }
   // the silent rank's end of the communicator goes too (the others' was aborted by NcclComm)
   if (me == 0) ncclCommAbort(split);
   cuda_ok(cudaStreamSynchronize(world().stream), "sync");
-  CHECK(sum_over_ranks(timeouts) == W - 1);
-  CHECK(sum_over_ranks(poisoned) == W - 1);
-  report("silent rank: seconds until CommTimeout (deadline 2 s)", max_over_ranks(waited));
-  CHECK(max_over_ranks(waited) < 2.0 + 3.0);
+  CHECK(sum_over_ranks(r.timeouts) == W - 1);
+  CHECK(sum_over_ranks(r.poisoned) == W - 1);
+  report("silent rank: seconds until CommTimeout (deadline 2 s)", max_over_ranks(r.waited));
+  CHECK(max_over_ranks(r.waited) < 2.0 + 3.0);
 }
